@@ -1,0 +1,1 @@
+"""Ray actors holding resident models (thin wrappers over engine/)."""

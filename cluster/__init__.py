@@ -1,0 +1,1 @@
+"""Ray Serve app, `ray job submit` batch entrypoint and deployment manifests."""

@@ -1,0 +1,122 @@
+"""The ``avatar`` command line: render, poses convert, presets."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from engine.config import ConfigError, load_config, preset_dict, preset_names
+
+app = typer.Typer(
+    help="Dancing Avatar: pose- and text-guided human motion video with an image diffusion model.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+poses_app = typer.Typer(help="Pose sequences: convert between formats.", no_args_is_help=True)
+app.add_typer(poses_app, name="poses")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by input or environment: reported as one message, never a traceback."""
+    from engine.models.registry import WeightsNotFoundError
+    from engine.pose import PoseError
+
+    return (ConfigError, PoseError, WeightsNotFoundError, FileNotFoundError)
+
+
+@app.command()
+def render(
+    spec: Annotated[Path, typer.Argument(help="Render spec YAML (prompt, poses, seed, …).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    preset: Annotated[
+        str | None, typer.Option(help="Preset from configs/ (default: the spec's, else tiny).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override, e.g. --set sampler.steps=4 (repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option(help="Continue a render interrupted in --out.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Render a video from a spec; prints the path of the video."""
+    from engine.render import render as run_render
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(spec, preset=preset, overrides=set_ or [])
+        result = run_render(config, out, resume=resume, progress=not quiet)
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    per_frame = result.timings.get("chain", 0.0) / max(1, result.frames - result.resumed_from)
+    typer.echo(f"rendered {result.frames} frames ({per_frame:.2f} s/frame) into {result.out_dir}")
+    typer.echo(f"video: {result.video}")
+
+
+@poses_app.command("convert")
+def poses_convert(
+    src: Annotated[
+        Path,
+        typer.Argument(help="poses.json, OpenPose JSON (file/folder), pose-map video/GIF/folder."),
+    ],
+    dst: Annotated[Path, typer.Argument(help=".json → poses.json; .mp4/.gif/folder → pose maps.")],
+    fps: Annotated[float | None, typer.Option(help="Resample to this fps.")] = None,
+    width: Annotated[int | None, typer.Option(help="Rescale to this width (aspect kept).")] = None,
+    height: Annotated[
+        int | None, typer.Option(help="Rescale to this height (aspect kept).")
+    ] = None,
+    max_frames: Annotated[int, typer.Option(help="Reject longer sequences.")] = 512,
+    input_fps: Annotated[
+        float | None,
+        typer.Option(help="fps of inputs that carry none (OpenPose JSON, image folders)."),
+    ] = None,
+) -> None:
+    """Convert a pose sequence between formats (and optionally resample it)."""
+    from engine.pose import convert_poses
+
+    try:
+        seq = convert_poses(
+            src,
+            dst,
+            fps=fps,
+            width=width,
+            height=height,
+            max_frames=max_frames,
+            input_fps=input_fps,
+        )
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    typer.echo(
+        f"wrote {dst} ({len(seq.keypoints)} frames, {seq.fps:g} fps, {seq.width}x{seq.height})"
+    )
+
+
+@app.command()
+def presets() -> None:
+    """List the model presets in configs/."""
+    for name in preset_names():
+        data = preset_dict(name)
+        model = data.get("model", {})
+        typer.echo(
+            f"{name:8s} model={model.get('preset', name)} {data.get('width', '?')}x{data.get('height', '?')} "
+            f"steps={data.get('sampler', {}).get('steps', '?')} device={model.get('device', 'auto')}"
+        )
+
+
+def main() -> None:
+    """Entry point for ``python -m engine.cli``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

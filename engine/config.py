@@ -1,0 +1,381 @@
+"""Typed configuration of a render, loaded from the YAML presets in ``configs/`` by one loader.
+
+A render is described by one :class:`RenderConfig`: the preset (``configs/<name>.yaml``) gives
+the model and defaults, a render spec YAML (prompt, poses, …) is merged on top, then dotted
+``--set key=value`` overrides. Every model forbids unknown keys, so a typo is an error that names
+the key, never a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_NEGATIVE = (
+    "lowres, bad anatomy, bad hands, extra limbs, missing fingers, blurry, deformed, "
+    "watermark, text, cropped, worst quality"
+)
+
+
+class ConfigError(ValueError):
+    """A configuration, spec or override is invalid; the message names the key and the fix."""
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Base):
+    """Which diffusion components to build or load."""
+
+    preset: Literal["tiny", "small", "sd15"] = "tiny"
+    """Model builder from the registry: random-weight ``tiny``/``small`` or real ``sd15``."""
+    base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    """sd15: hub id or local directory of an SD-1.x checkpoint in diffusers layout."""
+    controlnet: str = "lllyasviel/sd-controlnet-openpose"
+    """sd15: hub id or local directory of the OpenPose ControlNet."""
+    inpaint: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
+    """sd15: hub id or local directory of an SD inpainting checkpoint (background plate)."""
+    sam_checkpoint: str | None = None
+    """sd15: path of an official segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth)."""
+    sam_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
+    """sd15: SAM variant matching ``sam_checkpoint``."""
+    clip: str = "openai/clip-vit-large-patch14"
+    """sd15: hub id or local directory of the CLIP model used by the metrics."""
+    offline: bool = False
+    """sd15: never touch the network, load only local directories or the hub cache."""
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    """Weights and activations dtype; float16/bfloat16 need a GPU."""
+    device: str = "auto"
+    """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of the random-weight builders (``tiny``/``small``); ignored by ``sd15``."""
+    attention: Literal["sdpa", "xformers"] = "sdpa"
+    """Attention kernel of the frame chain's processors; xformers needs a GPU and the extra."""
+
+
+class SamplerConfig(_Base):
+    """The denoising loop of one frame."""
+
+    steps: int = Field(default=20, ge=1, le=1000)
+    """Number of DDIM denoising steps per frame."""
+    guidance: float = Field(default=7.5, ge=1.0, le=50.0)
+    """Classifier-free guidance scale (1 disables the unconditional pass)."""
+    controlnet_scale: float = Field(default=1.0, ge=0.0, le=5.0)
+    """Weight of the OpenPose ControlNet residuals."""
+    eta: float = Field(default=0.0, ge=0.0, le=1.0)
+    """DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)."""
+
+
+InterFrame = Literal["kv", "latent", "kv+latent", "none"]
+
+
+class AlignmentConfig(_Base):
+    """The paper's three alignment modules, each switchable for ablations."""
+
+    intra_frame: bool = False
+    """Per-character appearance LoRA (needs the appearance stage)."""
+    background: bool = False
+    """Background plate: latent blending + pixel composite outside the person region."""
+    inter_frame: InterFrame = "latent"
+    """How frame t is guided by frame t-1 and anchor frame 0 (``none`` = independent frames).
+    Default ``latent``: measured on the tiny preset it cuts adjacent-frame L1 by 5× at half the
+    cost of ``kv``, whose cross-frame attention has no measurable effect on random weights (see
+    README, "Inter-frame alignment")."""
+
+
+class ChainConfig(_Base):
+    """Settings of the autoregressive frame chain (inter-frame alignment and compositing)."""
+
+    kv_previous: bool = True
+    """kv: self-attention also attends to the previous frame's keys/values."""
+    kv_anchor: bool = True
+    """kv: self-attention also attends to anchor frame 0's keys/values."""
+    kv_include_self: bool = True
+    """kv: keep the frame's own keys/values beside the references' (False = replace them, as
+    Text2Video-Zero does with frame 0)."""
+    latent_strength: float = Field(default=0.75, gt=0.0, le=1.0)
+    """latent: fraction of the schedule re-noised when starting from frame t-1 (1 = pure noise)."""
+    mask_dilate: float = Field(default=0.04, ge=0.0, le=0.5)
+    """Person mask dilation as a fraction of the frame's shorter side."""
+    mask_feather: float = Field(default=0.03, ge=0.0, le=0.5)
+    """Person mask feather (blur) width as a fraction of the frame's shorter side."""
+    blend_until: float = Field(default=1.0, ge=0.0, le=1.0)
+    """Latent blending with the plate runs for this fraction of the denoising steps."""
+
+
+class OutputConfig(_Base):
+    """What a render writes besides the frames."""
+
+    crf: int = Field(default=18, ge=0, le=51)
+    """H.264 constant rate factor of video.mp4 (lower = better quality)."""
+    contact_sheet: bool = True
+    """Write contact_sheet.png (frames with pose overlay)."""
+    contact_sheet_frames: int = Field(default=16, ge=1, le=256)
+    """At most this many frames, evenly spaced, on the contact sheet."""
+
+
+class LimitsConfig(_Base):
+    """Guards against runaway inputs."""
+
+    max_frames: int = Field(default=512, ge=1, le=100_000)
+    """A pose sequence with more frames than this is rejected."""
+
+
+class RefineConfig(_Base):
+    """Prompt refinement (the paper's ChatGPT step)."""
+
+    backend: Literal["template", "openai"] = "template"
+    """``template`` (offline, deterministic) or ``openai`` (any OpenAI-compatible server)."""
+    model: str = "gpt-4o-mini"
+    """openai: chat model name."""
+    base_url: str | None = None
+    """openai: server URL (None = api.openai.com; e.g. http://127.0.0.1:8000/v1 for vLLM)."""
+    api_key_env: str = "OPENAI_API_KEY"
+    """openai: environment variable holding the API key."""
+    timeout_s: float = Field(default=30.0, gt=0.0, le=600.0)
+    """openai: per-request timeout in seconds."""
+    max_retries: int = Field(default=3, ge=0, le=10)
+    """openai: retries with exponential backoff on 429/5xx/timeouts."""
+    fallback_to_template: bool = False
+    """openai: on failure log a warning and use the template backend instead of raising."""
+    cache_dir: Path | None = None
+    """Where refinements are cached (None = <storage root>/cache/refine)."""
+
+
+class AppearanceConfig(_Base):
+    """Intra-frame alignment: a per-character appearance LoRA trained on synthesized references."""
+
+    references: int = Field(default=4, ge=1, le=64)
+    """K: how many reference images of the character are synthesized (canonical poses)."""
+    rank: int = Field(default=4, ge=1, le=256)
+    """LoRA rank of the UNet attention projections."""
+    alpha: float = Field(default=4.0, gt=0.0)
+    """LoRA alpha (scaling = alpha / rank)."""
+    steps: int = Field(default=50, ge=1, le=100_000)
+    """Optimizer steps."""
+    learning_rate: float = Field(default=1e-4, gt=0.0, le=1.0)
+    """AdamW learning rate."""
+    resolution: int = Field(default=64, ge=64, le=2048, multiple_of=8)
+    """Training and reference image side in pixels."""
+    batch_size: int = Field(default=1, ge=1, le=64)
+    """Images per optimizer step."""
+    seed: int = Field(default=0, ge=0)
+    """Seed of reference synthesis and training."""
+    train_text_encoder: bool = False
+    """Also put LoRA on the text encoder's attention projections."""
+    prior_preservation: bool = False
+    """DreamBooth prior preservation: also train on class images without the identifier."""
+    prior_weight: float = Field(default=1.0, ge=0.0)
+    """Weight of the prior-preservation loss."""
+    identifier: str = "sks"
+    """Rare identifier token that names the character in prompts."""
+
+
+class BackgroundConfig(_Base):
+    """Background alignment: one clean plate per character (SAM mask + inpainting)."""
+
+    mask_source: Literal["sam", "pose"] = "sam"
+    """Person mask for the plate: segment-anything prompted by the pose, or the pose body mask."""
+    sam_min_iou: float = Field(default=0.3, ge=0.0, le=1.0)
+    """A SAM mask whose IoU with the pose body mask is below this is not trusted."""
+    fallback_to_pose: bool = True
+    """On an untrusted SAM mask, warn and use the pose mask (else fail)."""
+    mask_dilate: float = Field(default=0.04, ge=0.0, le=0.5)
+    """Plate mask dilation as a fraction of the shorter side, before inpainting."""
+    inpaint_steps: int = Field(default=20, ge=1, le=1000)
+    """Denoising steps of the inpainting pipeline."""
+    inpaint_guidance: float = Field(default=7.5, ge=1.0, le=50.0)
+    """Guidance scale of the inpainting pipeline."""
+
+
+class RenderConfig(_Base):
+    """Everything one render needs: the spec (prompt, poses, …) plus the engine settings."""
+
+    prompt: str = ""
+    """The coarse text prompt, e.g. "a woman in a red dress dancing on a beach"."""
+    negative_prompt: str = DEFAULT_NEGATIVE
+    """Negative prompt for classifier-free guidance."""
+    poses: Path | None = None
+    """Pose sequence: poses.json, OpenPose JSON (file or folder), or a pose-map video/GIF/folder."""
+    plate: Path | None = None
+    """Optional background plate image; used when ``alignment.background`` is on."""
+    masks: Path | None = None
+    """Optional folder of per-frame person masks (PNG, white = person); default: from the poses."""
+    seed: int = Field(default=0, ge=0, le=2**63 - 1)
+    """Render seed; frame t uses a seed derived from (seed, t)."""
+    fps: float | None = Field(default=None, gt=0.0, le=120.0)
+    """Output fps; None keeps the pose sequence's fps (poses are resampled otherwise)."""
+    width: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    """Frame width in pixels (multiple of 8)."""
+    height: int = Field(default=512, ge=64, le=2048, multiple_of=8)
+    """Frame height in pixels (multiple of 8)."""
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: SamplerConfig = Field(default_factory=SamplerConfig)
+    alignment: AlignmentConfig = Field(default_factory=AlignmentConfig)
+    chain: ChainConfig = Field(default_factory=ChainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    refine: RefineConfig = Field(default_factory=RefineConfig)
+    appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
+    background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    cache_dir: Path | None = None
+    """Root of the caches (refinements, adapters); None = ~/.cache/dancing-avatar."""
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> RenderConfig:
+        if self.model.preset != "sd15" and self.model.dtype != "float32":
+            raise ValueError(
+                f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
+                "the random-weight presets run in float32; use model.dtype=float32"
+            )
+        if (
+            not (self.chain.kv_previous or self.chain.kv_anchor)
+            and "kv" in self.alignment.inter_frame
+        ):
+            raise ValueError(
+                f"alignment.inter_frame={self.alignment.inter_frame!r} needs chain.kv_previous or "
+                "chain.kv_anchor to be true"
+            )
+        return self
+
+    def require_spec(self) -> None:
+        """Raise :class:`ConfigError` unless the spec fields a render needs are set."""
+        if not self.prompt.strip():
+            raise ConfigError("the render spec has no 'prompt': add prompt: \"...\" to the spec")
+        if self.poses is None:
+            raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped in ``configs/``."""
+    return sorted(
+        p.name.removesuffix(".yaml") for p in _configs_dir().iterdir() if p.name.endswith(".yaml")
+    )
+
+
+def _configs_dir() -> Any:
+    return resources.files("configs")
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{source}: expected a mapping at the top level, got {type(data).__name__}"
+        )
+    return data
+
+
+def preset_dict(name: str) -> dict[str, Any]:
+    """The raw mapping of preset ``name`` (``configs/<name>.yaml``)."""
+    path = _configs_dir() / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(preset_names())}")
+    return _read_yaml(path.read_text(), f"preset {name!r}")
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``base`` with ``top`` merged in (nested mappings merge, other values replace)."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply one ``dotted.key=value`` override in place; the value is parsed as YAML."""
+    if "=" not in override:
+        raise ConfigError(
+            f"override {override!r} is not of the form key=value (e.g. sampler.steps=4)"
+        )
+    key, _, raw = override.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {override!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"override {override!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section"
+            )
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(err: ValidationError, source: str) -> str:
+    lines = [f"{source}: invalid configuration"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"  {loc}: unknown key (check the spelling; see configs/tiny.yaml)")
+        else:
+            lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def build_config(data: dict[str, Any], source: str = "config") -> RenderConfig:
+    """Validate a merged mapping into a :class:`RenderConfig`, raising :class:`ConfigError`."""
+    try:
+        return RenderConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, source)) from None
+
+
+def load_config(
+    spec: str | Path | None = None,
+    *,
+    preset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> RenderConfig:
+    """Load preset → spec YAML → ``key=value`` overrides into one validated config.
+
+    Args:
+        spec: Path of a render spec YAML (or None for the preset alone). Relative paths inside it
+            (poses, plate, masks) resolve against the spec's folder. A spec may name its preset
+            with a top-level ``preset:`` key; the ``preset`` argument wins over it.
+        preset: Preset name from ``configs/`` (default: the spec's, else ``tiny``).
+        overrides: Dotted overrides such as ``sampler.steps=4`` or ``alignment.inter_frame=none``.
+    """
+    spec_data: dict[str, Any] = {}
+    source = "config"
+    if spec is not None:
+        spec_path = Path(spec)
+        try:
+            text = spec_path.read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read render spec {spec_path}: {e.strerror}") from None
+        spec_data = _read_yaml(text, str(spec_path))
+        source = str(spec_path)
+        for key in ("poses", "plate", "masks"):
+            value = spec_data.get(key)
+            if isinstance(value, str) and value and not Path(value).is_absolute():
+                spec_data[key] = str((spec_path.parent / value).resolve())
+    name = preset or spec_data.pop("preset", None) or "tiny"
+    spec_data.pop("preset", None)
+    data = deep_merge(preset_dict(str(name)), spec_data)
+    for override in overrides:
+        apply_override(data, override)
+    return build_config(data, source)

@@ -1,0 +1,141 @@
+"""Video and image output: a streaming H.264 writer, a probe, PNG and contact-sheet helpers.
+
+Frames are streamed to ffmpeg (the static build inside imageio-ffmpeg's wheel) one at a time, so
+memory does not grow with the number of frames.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Generator, Iterable, Sequence
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import imageio_ffmpeg
+import numpy as np
+from PIL import Image
+
+
+class VideoWriter:
+    """Streams (H, W, 3) uint8 RGB frames into an H.264 / yuv420p mp4 at a fixed fps."""
+
+    def __init__(self, path: Path, *, fps: float, width: int, height: int, crf: int = 18):
+        if width % 2 or height % 2:
+            raise ValueError(f"H.264 yuv420p needs even frame sizes, got {width}x{height}")
+        self.path = Path(path)
+        self.size = (width, height)
+        self.frames = 0
+        self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        self._gen: Generator[Any, np.ndarray | None, None] | None = imageio_ffmpeg.write_frames(
+            str(self._tmp),
+            self.size,
+            fps=fps,
+            codec="libx264",
+            pix_fmt_in="rgb24",
+            pix_fmt_out="yuv420p",
+            macro_block_size=1,
+            quality=None,
+            output_params=["-crf", str(crf), "-movflags", "+faststart"],
+            ffmpeg_log_level="error",
+        )
+        self._gen.send(None)
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one (H, W, 3) uint8 RGB frame."""
+        if self._gen is None:
+            raise RuntimeError("write() after close()")
+        if frame.shape != (self.size[1], self.size[0], 3) or frame.dtype != np.uint8:
+            raise ValueError(
+                f"frame {self.frames}: expected ({self.size[1]}, {self.size[0]}, 3) uint8, "
+                f"got {frame.shape} {frame.dtype}"
+            )
+        self._gen.send(np.ascontiguousarray(frame))
+        self.frames += 1
+
+    def close(self) -> None:
+        """Finish the file and move it into place (atomic: a reader never sees a partial mp4)."""
+        if self._gen is not None:
+            self._gen.close()
+            self._gen = None
+            os.replace(self._tmp, self.path)
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if kind is None:
+            self.close()
+        elif self._gen is not None:
+            self._gen.close()
+            self._gen = None
+            self._tmp.unlink(missing_ok=True)
+
+
+def probe_video(path: Path) -> dict[str, Any]:
+    """Read a video back: {"frames", "fps", "width", "height", "codec", "pix_fmt"} (decodes it)."""
+    reader = imageio_ffmpeg.read_frames(str(path))
+    meta = next(reader)
+    frames = sum(1 for _ in reader)
+    width, height = meta["size"]
+    return {
+        "frames": frames,
+        "fps": float(meta["fps"]),
+        "width": int(width),
+        "height": int(height),
+        "codec": str(meta.get("codec", "")),
+        "pix_fmt": str(meta.get("pix_fmt", "")),
+    }
+
+
+def read_video_frames(path: Path) -> Iterable[np.ndarray]:
+    """Yield the frames of a video as (H, W, 3) uint8 RGB."""
+    reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
+    meta = next(reader)
+    width, height = meta["size"]
+    for buf in reader:
+        yield np.frombuffer(buf, np.uint8).reshape(height, width, 3)
+
+
+def save_png(image: np.ndarray, path: Path) -> None:
+    """Write (H, W, 3) or (H, W) uint8 atomically (write a temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8 RGB of an image file."""
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB")).copy()
+
+
+def contact_sheet(images: Sequence[np.ndarray], labels: Sequence[str] | None = None) -> np.ndarray:
+    """Tile (H, W, 3) uint8 images in a near-square grid with 2 px gaps → (H', W', 3) uint8."""
+    if not images:
+        raise ValueError("contact_sheet needs at least one image")
+    h, w, _ = images[0].shape
+    cols = math.ceil(math.sqrt(len(images)))
+    rows = math.ceil(len(images) / cols)
+    gap = 2
+    sheet = np.full((rows * (h + gap) + gap, cols * (w + gap) + gap, 3), 255, np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        y, x = gap + r * (h + gap), gap + c * (w + gap)
+        sheet[y : y + h, x : x + w] = img
+        if labels is not None:
+            _label(sheet, labels[i], x + 2, y + 2, scale=max(0.3, w / 512))
+    return sheet
+
+
+def _label(image: np.ndarray, text: str, x: int, y: int, scale: float) -> None:
+    import cv2
+
+    size, _ = cv2.getTextSize(text, cv2.FONT_HERSHEY_SIMPLEX, scale, 1)
+    org = (x, y + size[1])
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 2, cv2.LINE_AA)
+    cv2.putText(image, text, org, cv2.FONT_HERSHEY_SIMPLEX, scale, (255, 255, 255), 1, cv2.LINE_AA)

@@ -1,0 +1,165 @@
+"""The frame chain on the tiny preset: shapes, determinism, resume, pose, plate, alignment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+
+from engine.chain import FrameSettings, frame_seed
+from engine.compose import person_mask
+from engine.pose import load_poses, render_pose_map
+from engine.render import render
+from engine.video import load_png, save_png
+
+
+def frames_of(out: Path, n: int) -> np.ndarray:
+    return np.stack([load_png(out / "frames" / f"{i:06d}.png") for i in range(n)])
+
+
+def adjacent_l1(frames: np.ndarray) -> float:
+    f = frames.astype(np.float32)
+    return float(np.abs(f[1:] - f[:-1]).mean())
+
+
+def test_output_shapes_and_files(tiny_chain, dance_json, tmp_path):
+    result = render(
+        tiny_config(dance_json, "output.contact_sheet=true"),
+        tmp_path / "o",
+        chain=tiny_chain,
+        progress=False,
+    )
+    frames = frames_of(result.out_dir, 4)
+    assert frames.shape == (4, 64, 64, 3) and frames.dtype == np.uint8
+    latent = load_file(result.out_dir / "latents" / "000003.safetensors")["latent"]
+    assert latent.shape == (1, 4, 8, 8)
+    assert load_png(result.out_dir / "poses" / "000000.png").shape == (64, 64, 3)
+    assert (result.out_dir / "contact_sheet.png").is_file()
+    assert result.video.is_file() and result.manifest.is_file()
+
+
+def test_determinism(tiny_chain, dance_json, tmp_path):
+    config = tiny_config(dance_json, "alignment.inter_frame=kv+latent")
+    a = frames_of(render(config, tmp_path / "a", chain=tiny_chain, progress=False).out_dir, 4)
+    b = frames_of(render(config, tmp_path / "b", chain=tiny_chain, progress=False).out_dir, 4)
+    assert np.array_equal(a, b)
+    assert frame_seed(0, 1) != frame_seed(0, 2) and frame_seed(0, 1) == frame_seed(0, 1)
+
+
+@pytest.mark.parametrize("mechanism", ["kv", "latent"])
+def test_resume_equals_uninterrupted(tiny_chain, dance_json, tmp_path, monkeypatch, mechanism):
+    config = tiny_config(dance_json, f"alignment.inter_frame={mechanism}")
+    full = frames_of(render(config, tmp_path / "full", chain=tiny_chain, progress=False).out_dir, 4)
+
+    real = tiny_chain.denoise
+
+    def crash_at_2(**kw):
+        if kw["index"] == 2:
+            raise RuntimeError("simulated worker failure")
+        return real(**kw)
+
+    monkeypatch.setattr(tiny_chain, "denoise", crash_at_2)
+    with pytest.raises(RuntimeError, match="simulated"):
+        render(config, tmp_path / "part", chain=tiny_chain, progress=False)
+    monkeypatch.setattr(tiny_chain, "denoise", real)
+    assert not (tmp_path / "part" / "video.mp4").exists()  # no partial video left behind
+    with pytest.raises(Exception, match="--resume"):
+        render(config, tmp_path / "part", chain=tiny_chain, progress=False)
+    result = render(config, tmp_path / "part", chain=tiny_chain, resume=True, progress=False)
+    assert result.resumed_from == 2
+    assert np.array_equal(frames_of(result.out_dir, 4), full)
+
+
+def test_resume_refuses_a_different_config(tiny_chain, dance_json, tmp_path):
+    render(tiny_config(dance_json), tmp_path / "o", chain=tiny_chain, progress=False)
+    with pytest.raises(Exception, match="different spec"):
+        render(
+            tiny_config(dance_json, "seed=5"),
+            tmp_path / "o",
+            chain=tiny_chain,
+            resume=True,
+            progress=False,
+        )
+
+
+def test_pose_changes_the_frame(tiny_chain, dance_json):
+    seq = load_poses(dance_json)
+    settings = FrameSettings.from_config(tiny_config(dance_json, "alignment.inter_frame=none"))
+    text = tiny_chain.encode_prompt("a dancer", "")
+    latents = []
+    for index in (0, 2):
+        pose = tiny_chain.image_tensor(render_pose_map(seq.keypoints[index] / 8, 64, 64))
+        latents.append(tiny_chain.denoise(index=0, seed=0, pose=pose, text=text, settings=settings))
+    assert (latents[0] - latents[1]).abs().mean() > 1e-3
+
+
+def test_plate_holds_background_outside_person(tiny_chain, dance_json, tmp_path):
+    rng = np.random.default_rng(0)
+    plate = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    save_png(plate, tmp_path / "plate.png")
+    config = tiny_config(dance_json, "alignment.background=true", f"plate={tmp_path / 'plate.png'}")
+    out = render(config, tmp_path / "o", chain=tiny_chain, progress=False).out_dir
+    frames = frames_of(out, 4)
+    seq = load_poses(dance_json)
+    scaled = seq.keypoints.copy()
+    scaled[..., :2] *= 64 / 512
+    for i, frame in enumerate(frames):
+        mask = person_mask(
+            scaled[i], 64, 64, dilate=config.chain.mask_dilate, feather=config.chain.mask_feather
+        )
+        outside = mask == 0
+        assert outside.mean() > 0.3  # the test means something: most of the frame is background
+        assert np.array_equal(frame[outside], plate[outside]), f"frame {i}"
+        assert not np.array_equal(frame[~outside], plate[~outside])
+        assert (out / "masks" / f"{i:06d}.png").is_file()
+
+
+def test_background_without_plate_fails_clearly(tiny_chain, dance_json, tmp_path):
+    with pytest.raises(Exception, match="no plate"):
+        render(
+            tiny_config(dance_json, "alignment.background=true"),
+            tmp_path / "o",
+            chain=tiny_chain,
+            progress=False,
+        )
+
+
+def test_latent_alignment_brings_adjacent_frames_closer(tiny_chain, dance_json, tmp_path):
+    l1 = {}
+    for mechanism in ("none", "latent"):
+        config = tiny_config(dance_json, f"alignment.inter_frame={mechanism}", "sampler.steps=4")
+        l1[mechanism] = adjacent_l1(
+            frames_of(
+                render(config, tmp_path / mechanism, chain=tiny_chain, progress=False).out_dir, 4
+            )
+        )
+    assert l1["latent"] < 0.6 * l1["none"], l1
+
+
+def test_kv_guides_later_frames_only(tiny_chain, dance_json, tmp_path):
+    out = {}
+    for mechanism in ("none", "kv"):
+        config = tiny_config(dance_json, f"alignment.inter_frame={mechanism}")
+        out[mechanism] = frames_of(
+            render(config, tmp_path / mechanism, chain=tiny_chain, progress=False).out_dir, 4
+        )
+    assert np.array_equal(out["none"][0], out["kv"][0])  # frame 0 has no reference
+    for t in (1, 2, 3):
+        assert not np.array_equal(out["none"][t], out["kv"][t])
+
+
+def test_memory_state_is_two_references(tiny_chain, dance_json):
+    settings = FrameSettings.from_config(tiny_config(dance_json, "alignment.inter_frame=kv"))
+    from engine.chain import Reference
+
+    pose = torch.zeros(1, 3, 64, 64)
+    anchor, prev = (
+        Reference(0, torch.zeros(1, 4, 8, 8), pose),
+        Reference(41, torch.zeros(1, 4, 8, 8), pose),
+    )
+    assert [r.index for r in tiny_chain.references(settings, prev, anchor)] == [0, 41]
+    assert [r.index for r in tiny_chain.references(settings, anchor, anchor)] == [0]
