@@ -225,7 +225,7 @@ class RenderConfig(_Base):
     appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     cache_dir: Path | None = None
-    """Root of the caches (refinements, adapters); None = ~/.cache/dancing-avatar."""
+    """Root of the caches (refinements, adapters); None = $AVATAR_CACHE_DIR or ~/.cache/dancing-avatar."""
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RenderConfig:

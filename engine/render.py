@@ -35,6 +35,7 @@ import engine
 from engine.chain import Background, FrameChain, FrameSettings, Reference, frame_seed
 from engine.compose import composite, latent_mask, load_mask, person_mask, soften_mask
 from engine.config import ConfigError, RenderConfig
+from engine.method import Preparation, prepare, release
 from engine.models.registry import build_components
 from engine.pose import PoseSequence, load_poses, overlay_pose, render_pose_map, resample, validate
 from engine.video import VideoWriter, contact_sheet, load_png, save_png
@@ -104,40 +105,43 @@ def render(
     # 3. Output folder and resume point.
     key = fingerprint(config, poses, chain.parts.name)
     start = _open_output(out, key, resume, len(poses.keypoints))
-    # 4. Conditioning: prompt embeddings and the optional plate.
-    with timings.stage("conditioning"):
-        text = chain.encode_prompt(config.prompt, config.negative_prompt)
-        plate = _load_plate(config)
-        plate_latent = chain.encode_image(plate) if plate is not None else None
-    # 5. The frame chain, streamed to disk and to the encoder.
-    with (
-        timings.stage("chain"),
-        VideoWriter(
-            out / "video.mp4",
-            fps=poses.fps,
-            width=config.width,
-            height=config.height,
-            crf=config.output.crf,
-        ) as video,
-    ):
-        for index in range(start):  # a resumed render re-feeds the finished frames
-            video.write(load_png(out / "frames" / f"{index:06d}.png"))
-        frames = _chain_frames(chain, config, poses, text, plate, plate_latent, out, start)
-        for index, frame in tqdm(
-            frames,
-            total=len(poses.keypoints) - start,
-            initial=0,
-            disable=not progress,
-            desc="frames",
-            unit="frame",
+    # 4. The paper's stages before the chain: refine → appearance LoRA → background plate.
+    prep = prepare(chain, config, poses, out, stage=timings.stage, progress=progress)
+    try:
+        with timings.stage("conditioning"):
+            text = chain.encode_prompt(prep.prompt, prep.negative)
+            plate = prep.plate
+            plate_latent = chain.encode_image(plate) if plate is not None else None
+        # 5. The frame chain, streamed to disk and to the encoder.
+        with (
+            timings.stage("chain"),
+            VideoWriter(
+                out / "video.mp4",
+                fps=poses.fps,
+                width=config.width,
+                height=config.height,
+                crf=config.output.crf,
+            ) as video,
         ):
-            video.write(frame)
-            log.debug("frame %d done", index)
+            for index in range(start):  # a resumed render re-feeds the finished frames
+                video.write(load_png(out / "frames" / f"{index:06d}.png"))
+            frames = _chain_frames(chain, config, poses, text, plate, plate_latent, out, start)
+            bar = tqdm(
+                frames,
+                total=len(poses.keypoints) - start,
+                disable=not progress,
+                desc="frames",
+                unit="frame",
+            )
+            for _, frame in bar:
+                video.write(frame)
+    finally:
+        release(chain, prep)
     # 6. Contact sheet and manifest.
     with timings.stage("outputs"):
         if config.output.contact_sheet:
             _write_contact_sheet(out, poses, config.output.contact_sheet_frames)
-    manifest = _write_manifest(out, config, poses, chain, key, start, timings)
+    manifest = _write_manifest(out, config, poses, chain, key, start, timings, prep)
     return RenderResult(
         out, out / "video.mp4", manifest, len(poses.keypoints), start, dict(timings)
     )
@@ -163,26 +167,6 @@ def _open_output(out: Path, key: str, resume: bool, total: int) -> int:
         )
     state.write_text(key)
     return done
-
-
-def _load_plate(config: RenderConfig) -> np.ndarray | None:
-    if not config.alignment.background:
-        return None
-    if config.plate is None:
-        raise ConfigError(
-            "alignment.background is on but there is no plate: set plate: path/to/plate.png in "
-            "the spec, or alignment.background=false"
-        )
-    from PIL import Image
-
-    try:
-        with Image.open(config.plate) as file:
-            img = file.convert("RGB")
-    except OSError as e:
-        raise ConfigError(f"cannot read plate {config.plate}: {e}") from None
-    if img.size != (config.width, config.height):
-        img = img.resize((config.width, config.height), Image.Resampling.LANCZOS)
-    return np.asarray(img).copy()
 
 
 def _frame_mask(config: RenderConfig, poses: PoseSequence, index: int) -> np.ndarray:
@@ -304,6 +288,7 @@ def _write_manifest(
     key: str,
     start: int,
     timings: dict[str, float],
+    prep: Preparation,
 ) -> Path:
     frames = len(poses.keypoints)
     chain_time = timings.get("chain", 0.0)
@@ -321,6 +306,8 @@ def _write_manifest(
             "width": poses.width,
             "height": poses.height,
         },
+        "prompt": {"frame": prep.prompt, "negative": prep.negative},
+        "stages": prep.record,
         "seeds": [frame_seed(config.seed, i) for i in range(frames)],
         "fingerprint": key,
         "resumed_from": start,
@@ -334,6 +321,8 @@ def _write_manifest(
             "poses": "poses/",
             "latents": "latents/",
             "masks": "masks/" if config.alignment.background else None,
+            "refined_prompt": "refined_prompt.json",
+            "plate": "plate/" if (out / "plate").is_dir() else None,
             "contact_sheet": "contact_sheet.png" if config.output.contact_sheet else None,
         },
     }

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
+# Caches (refined prompts, adapters) of the test session go to a throwaway folder, not ~/.cache.
+os.environ["AVATAR_CACHE_DIR"] = tempfile.mkdtemp(prefix="avatar-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -118,14 +119,22 @@ def test_plate_holds_background_outside_person(tiny_chain, dance_json, tmp_path)
         assert (out / "masks" / f"{i:06d}.png").is_file()
 
 
-def test_background_without_plate_fails_clearly(tiny_chain, dance_json, tmp_path):
-    with pytest.raises(Exception, match="no plate"):
-        render(
-            tiny_config(dance_json, "alignment.background=true"),
-            tmp_path / "o",
-            chain=tiny_chain,
-            progress=False,
-        )
+def test_generated_plate_holds_background(tiny_chain, dance_json, tmp_path):
+    """No plate supplied: the background stage makes one (pose mask on tiny) and the chain uses it."""
+    config = tiny_config(
+        dance_json,
+        "alignment.background=true",
+        "background.mask_source=pose",
+        "background.inpaint_steps=2",
+    )
+    result = render(config, tmp_path / "o", chain=tiny_chain, progress=False)
+    plate = load_png(result.out_dir / "plate" / "plate.png")
+    frames = frames_of(result.out_dir, 4)
+    mask = load_png(result.out_dir / "masks" / "000002.png")[..., 0]
+    assert np.array_equal(frames[2][mask == 0], plate[mask == 0])
+    manifest = json.loads(result.manifest.read_text())
+    assert manifest["stages"]["plate"]["source"] == "generated"
+    assert {"refine", "background", "chain"} <= set(manifest["timings_s"])
 
 
 def test_latent_alignment_brings_adjacent_frames_closer(tiny_chain, dance_json, tmp_path):
@@ -163,3 +172,33 @@ def test_memory_state_is_two_references(tiny_chain, dance_json):
     )
     assert [r.index for r in tiny_chain.references(settings, prev, anchor)] == [0, 41]
     assert [r.index for r in tiny_chain.references(settings, anchor, anchor)] == [0]
+
+
+def test_full_method_refine_lora_plate_chain(tiny_chain, dance_json, tmp_path):
+    """refine → appearance LoRA → plate → chain, each stage's output named in the manifest."""
+    config = tiny_config(
+        dance_json,
+        "alignment.intra_frame=true",
+        "alignment.background=true",
+        "background.inpaint_steps=2",
+        "appearance.references=2",
+        "appearance.steps=3",
+        f"cache_dir={tmp_path / 'cache'}",
+    )
+    result = render(config, tmp_path / "full", chain=tiny_chain, progress=False)
+    manifest = json.loads(result.manifest.read_text())
+    stages = manifest["stages"]
+    assert stages["adapter"]["trained"] is True
+    assert Path(stages["adapter"]["path"]).is_dir()
+    assert (result.out_dir / "refined_prompt.json").is_file() and (
+        result.out_dir / "plate" / "plate.png"
+    ).is_file()
+    assert {"refine", "appearance", "background", "chain"} <= set(manifest["timings_s"])
+    assert "sks" in manifest["prompt"]["frame"]
+    # The resident UNet is back to the base model, and a second render reuses the cached adapter.
+    from engine.appearance import active_adapter
+
+    assert active_adapter(tiny_chain.parts.unet) is None
+    again = render(config, tmp_path / "again", chain=tiny_chain, progress=False)
+    assert json.loads(again.manifest.read_text())["stages"]["adapter"]["trained"] is False
+    assert np.array_equal(frames_of(result.out_dir, 4), frames_of(again.out_dir, 4))

@@ -1,0 +1,146 @@
+"""The SD inpainting UNet of the background plate, and a pipeline sharing the base components.
+
+``tiny``/``small``: a seeded random ``UNet2DConditionModel`` with ``in_channels=9`` (4 noisy
+latent + 1 mask + 4 masked-image latent channels, as SD inpainting) and otherwise the
+architecture of the registry's random UNet of the same preset. ``sd15``: the ``unet`` folder of
+``model.inpaint`` (hub id or local directory), loaded fail-fast through
+:func:`engine.models.registry.local_weights`.
+
+:func:`build_inpaint_pipeline` wraps that UNet in a :class:`StableDiffusionInpaintPipeline` whose
+VAE, text encoder and tokenizer are the very objects of :class:`DiffusionComponents` (no second
+copy in memory; SD-1.5 inpainting uses SD-1.5's VAE and text encoder).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+
+from engine.config import ModelConfig
+from engine.models.registry import (
+    _ARCH,
+    DiffusionComponents,
+    WeightsNotFoundError,
+    _load,
+    local_weights,
+)
+
+INPAINT_IN_CHANNELS = 9
+"""Noisy latent (4) + mask (1) + masked-image latent (4)."""
+
+
+def random_inpaint_unet(
+    preset: str, seed: int, cross_attention_dim: int | None = None
+) -> UNet2DConditionModel:
+    """A seeded random 9-channel inpainting UNet with the registry's ``preset`` architecture.
+
+    Args:
+        preset: "tiny" or "small" (a key of the registry's ``_ARCH``).
+        seed: weight seed; the global torch RNG is left untouched.
+        cross_attention_dim: text embedding width (default: the preset's text hidden size).
+    """
+    if preset not in _ARCH:
+        raise ValueError(
+            f"no random inpainting UNet for preset {preset!r}; use one of {list(_ARCH)}"
+        )
+    arch = _ARCH[preset]
+    n = len(arch["unet_channels"])
+    # Same block layout as engine.models.registry.build_random's UNet, 9 input channels.
+    kwargs: dict[str, Any] = {
+        "block_out_channels": arch["unet_channels"],
+        "down_block_types": ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        "layers_per_block": arch["layers_per_block"],
+        "attention_head_dim": arch["heads"],
+        "norm_num_groups": arch["groups"],
+        "cross_attention_dim": cross_attention_dim or arch["text"]["hidden_size"],
+        "in_channels": INPAINT_IN_CHANNELS,
+        "out_channels": 4,
+        "sample_size": 64,  # unused (height/width are always passed); the pipeline reads it
+    }
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return UNet2DConditionModel(**kwargs)
+
+
+def _offline(config: ModelConfig) -> bool:
+    return config.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
+
+
+def load_inpaint_unet(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
+    """The ``unet`` of the SD inpainting checkpoint ``config.inpaint`` in ``dtype``.
+
+    Raises:
+        WeightsNotFoundError: at once, when the checkpoint is neither local nor reachable (names
+            it and the ``model.inpaint`` field to change), or its UNet is not 9-channel.
+    """
+    folder = local_weights(config.inpaint, "SD inpainting checkpoint", "inpaint", _offline(config))
+    unet = _load(
+        UNet2DConditionModel.from_pretrained, folder / "unet", "inpainting UNet", torch_dtype=dtype
+    )
+    if unet.config.in_channels != INPAINT_IN_CHANNELS:
+        raise WeightsNotFoundError(
+            f"model.inpaint={config.inpaint!r}: its UNet has {unet.config.in_channels} input "
+            f"channels, an inpainting UNet has {INPAINT_IN_CHANNELS}; point model.inpaint at an "
+            "SD inpainting checkpoint (e.g. stable-diffusion-v1-5/stable-diffusion-inpainting)"
+        )
+    return unet
+
+
+def _random_for(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
+    hidden = int(parts.text_encoder.config.hidden_size)
+    return random_inpaint_unet(config.preset, config.seed + 2, hidden)
+
+
+def _load_for(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
+    return load_inpaint_unet(config, parts.dtype)
+
+
+INPAINT_REGISTRY: dict[str, Callable[[ModelConfig, DiffusionComponents], UNet2DConditionModel]] = {
+    "tiny": _random_for,
+    "small": _random_for,
+    "sd15": _load_for,
+}
+
+
+def build_inpaint_unet(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
+    """The inpainting UNet of ``config.preset`` on ``parts``' device and dtype, eval, frozen."""
+    unet = INPAINT_REGISTRY[config.preset](config, parts)
+    if unet.dtype != parts.dtype:  # random presets are float32; sd15 loads in parts.dtype
+        unet.to(dtype=parts.dtype)
+    unet.to(device=parts.device)
+    return unet.eval().requires_grad_(False)
+
+
+def build_inpaint_pipeline(
+    parts: DiffusionComponents, unet: UNet2DConditionModel
+) -> StableDiffusionInpaintPipeline:
+    """A :class:`StableDiffusionInpaintPipeline` from injected components.
+
+    VAE, text encoder and tokenizer are ``parts``' own objects (shared, not copied); the scheduler
+    is a fresh DDIM with ``parts.scheduler``'s config (the pipeline's timestep state never touches
+    the frame chain's); no safety checker, no feature extractor; progress bar off.
+    """
+    pipe = StableDiffusionInpaintPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        tokenizer=parts.tokenizer,
+        unet=unet,
+        scheduler=DDIMScheduler.from_config(parts.scheduler.config),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def make_inpaint_pipeline(
+    config: ModelConfig, parts: DiffusionComponents
+) -> StableDiffusionInpaintPipeline:
+    """:func:`build_inpaint_unet` + :func:`build_inpaint_pipeline` in one call."""
+    return build_inpaint_pipeline(parts, build_inpaint_unet(config, parts))
