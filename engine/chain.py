@@ -13,6 +13,8 @@ classifier-free guidance, and guided by the finished frame t-1 and anchor frame 
 - ``none``: independent frames (the ablation).
 
 Per-frame seeds derive from (render seed, frame index), so any frame can be recomputed alone.
+The denoising loop itself is :class:`engine.batching.BatchDenoiser` (one frame, or frames of many
+characters in one batch); this module holds the resident components and the conditioning.
 """
 
 from __future__ import annotations
@@ -155,7 +157,6 @@ class FrameChain:
             refs.append(previous)
         return refs
 
-    @torch.no_grad()
     def denoise(
         self,
         *,
@@ -167,86 +168,20 @@ class FrameChain:
         previous: Reference | None = None,
         anchor: Reference | None = None,
         background: Background | None = None,
+        adapter: str | None = None,
     ) -> torch.Tensor:
-        """Denoise frame ``index`` → its (1, 4, h, w) clean latent.
+        """Denoise frame ``index`` alone → its (1, 4, h, w) clean latent.
 
         Args:
             pose: (1, 3, H, W) pose map in [0, 1]. text: (2, 77, D) from :meth:`encode_prompt`.
             previous, anchor: finished frames t-1 and 0 (None for frame 0).
             background: plate latent + latent person mask, or None for a free background.
+            adapter: appearance LoRA loaded on the UNet to apply, or None.
         """
-        # 1. Noise and timesteps (the latent mechanism starts later in the schedule).
-        _, _, height, width = pose.shape
-        noise = self.initial_noise(seed, index, height, width)
-        generator = torch.Generator().manual_seed(frame_seed(seed, index) ^ 0x5EED)
-        sched = self.scheduler
-        sched.set_timesteps(settings.steps, device=self.device)
-        timesteps = sched.timesteps
-        start = 0
-        latents = noise * sched.init_noise_sigma
-        if "latent" in settings.inter_frame and previous is not None:
-            start = min(
-                settings.steps - round(settings.steps * settings.latent_strength),
-                settings.steps - 1,
-            )
-            latents = sched.add_noise(previous.latent, noise, timesteps[start : start + 1])
+        from engine.batching import BatchDenoiser, FrameJob  # the one denoising loop
 
-        # 2. Batch rows: [uncond, cond] of this frame, then one cond row per reference frame.
-        refs = self.references(settings, previous, anchor)
-        ref_noise = [self.initial_noise(seed, r.index, height, width) for r in refs]
-        n_cur = 2 if settings.guidance > 1.0 else 1
-        text_rows = torch.cat([text[2 - n_cur :]] + [text[1:2]] * len(refs))
-        pose_rows = torch.cat([pose] * n_cur + [r.pose for r in refs])
-        self.context.ref_index = _reference_index(n_cur, len(refs), self.device)
-        self.context.include_self = settings.kv_include_self
-        blend_steps = round(settings.blend_until * (settings.steps - start))
-
-        # 3. Denoise.
-        try:
-            for i, t in enumerate(timesteps[start:]):
-                ref_latents = [
-                    sched.add_noise(r.latent, n, t[None])
-                    for r, n in zip(refs, ref_noise, strict=True)
-                ]
-                batch = sched.scale_model_input(torch.cat([latents] * n_cur + ref_latents), t)
-                down, mid = self.parts.controlnet(
-                    batch,
-                    t,
-                    encoder_hidden_states=text_rows,
-                    controlnet_cond=pose_rows,
-                    conditioning_scale=settings.controlnet_scale,
-                    return_dict=False,
-                )
-                eps = self.parts.unet(
-                    batch,
-                    t,
-                    encoder_hidden_states=text_rows,
-                    down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid,
-                    return_dict=False,
-                )[0][:n_cur]
-                if n_cur == 2:
-                    eps = eps[:1] + settings.guidance * (eps[1:] - eps[:1])
-                latents = sched.step(
-                    eps, t, latents, eta=settings.eta, generator=generator
-                ).prev_sample
-                if background is not None and i < blend_steps:
-                    nxt = timesteps[start + i + 1 :][:1]
-                    latents = blend_background(latents, background, noise, sched, nxt)
-        finally:
-            self.context.ref_index = None
-        return latents
-
-
-def _reference_index(n_cur: int, n_refs: int, device: torch.device) -> torch.Tensor | None:
-    """(B, R) rows each row attends to: current-frame rows → the reference rows; reference rows
-    → themselves (plain self-attention). None when there are no references."""
-    if n_refs == 0:
-        return None
-    rows = n_cur + n_refs
-    index = torch.arange(rows, device=device)[:, None].expand(rows, n_refs).clone()
-    index[:n_cur] = torch.arange(n_cur, rows, device=device)
-    return index
+        job = FrameJob(index, seed, pose, text, settings, previous, anchor, background, adapter)
+        return BatchDenoiser(self).denoise([job])[0]
 
 
 def blend_background(

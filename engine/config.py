@@ -224,6 +224,8 @@ class RenderConfig(_Base):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    metrics: bool = False
+    """Score the finished render (``avatar metrics``) and write metrics.json / metrics.png."""
     cache_dir: Path | None = None
     """Root of the caches (refinements, adapters); None = $AVATAR_CACHE_DIR or ~/.cache/dancing-avatar."""
 

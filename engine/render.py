@@ -125,7 +125,9 @@ def render(
         ):
             for index in range(start):  # a resumed render re-feeds the finished frames
                 video.write(load_png(out / "frames" / f"{index:06d}.png"))
-            frames = _chain_frames(chain, config, poses, text, plate, plate_latent, out, start)
+            frames = _chain_frames(
+                chain, config, poses, text, plate, plate_latent, out, start, prep.adapter_name
+            )
             bar = tqdm(
                 frames,
                 total=len(poses.keypoints) - start,
@@ -203,6 +205,7 @@ def _chain_frames(
     plate_latent: torch.Tensor | None,
     out: Path,
     start: int,
+    adapter: str | None,
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Render frames ``start..F-1``, persisting each (frame, pose map, mask, latent); yields them."""
     settings = FrameSettings.from_config(config)
@@ -238,6 +241,7 @@ def _chain_frames(
             previous=previous,
             anchor=anchor,
             background=background,
+            adapter=adapter,
         )
         frame = chain.decode(latent)
         if plate is not None and mask is not None:

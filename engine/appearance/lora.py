@@ -182,3 +182,44 @@ def lora_parameters(module: nn.Module, name: str) -> list[torch.nn.Parameter]:
     """The parameters of adapter ``name`` on ``module`` (names contain ``lora_`` and ``.name.``)."""
     marker = f".{name}."
     return [p for n, p in module.named_parameters() if "lora_" in n and marker in f"{n}."]
+
+
+BASE = "__base__"
+"""peft's name for "no adapter" in a mixed batch."""
+
+
+@contextmanager
+def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator[None]:
+    """Run the block with adapter ``names[i]`` applied to batch row ``i`` (None = base model).
+
+    peft's LoRA layers accept ``adapter_names`` (one per row) and add each row's own low-rank
+    update in one batched forward; a forward pre-hook on every LoRA layer injects the list, so it
+    reaches the layers through diffusers' attention code. Every named adapter is made active for
+    the block (a layer only applies active adapters) and the previous state is restored after.
+    With classifier-free guidance the list covers every row of the batch, in batch order.
+    """
+    rows = [BASE if n is None else n for n in names]
+    wanted = sorted({n for n in rows if n != BASE})
+    layers = _layers(module)
+    if not wanted:
+        with base_model(module):
+            yield
+        return
+    missing = set(wanted) - set(loaded_adapters(module))
+    if missing:
+        raise ValueError(f"adapters {sorted(missing)} are not loaded on {type(module).__name__}")
+    state = snapshot(module)
+
+    def inject(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {**kwargs, "adapter_names": rows}
+
+    hooks = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]  # type: ignore[attr-defined]
+    try:
+        for layer in layers:
+            layer.enable_adapters(True)
+            layer.set_adapter(wanted, inference_mode=True)
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+        restore(module, state)

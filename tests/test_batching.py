@@ -1,0 +1,127 @@
+"""Cross-character batching: a frame in a mixed batch equals the same frame rendered alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine.appearance.lora import add_lora, loaded_adapters, lora_config
+from engine.batching import BatchDenoiser, FrameJob
+from engine.chain import FrameChain, FrameSettings, Reference
+from engine.config import ModelConfig, load_config
+from engine.models.registry import build_components
+from engine.pose import render_pose_map, synthetic_dance
+
+
+@pytest.fixture(scope="module")
+def lora_chain():
+    """A private tiny chain with two random appearance LoRAs ("a", "b") loaded."""
+    parts = build_components(ModelConfig(preset="tiny", seed=7))
+    chain = FrameChain(parts)
+    gen = torch.Generator().manual_seed(0)
+    for name in ("a", "b"):
+        add_lora(parts.unet, lora_config(4, 4.0, ("to_q", "to_k", "to_v", "to_out.0")), name)
+        with torch.no_grad():
+            for pname, p in parts.unet.named_parameters():
+                if f".{name}." in f"{pname}." and "lora_B" in pname:
+                    p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    assert loaded_adapters(parts.unet) == ["a", "b"]
+    return chain
+
+
+def settings(mechanism: str = "kv+latent", **kw) -> FrameSettings:
+    config = load_config(
+        None, preset="tiny", overrides=[f"alignment.inter_frame={mechanism}", "sampler.steps=4"]
+    )
+    base = FrameSettings.from_config(config)
+    return FrameSettings(**{**base.__dict__, **kw})
+
+
+def make_jobs(chain: FrameChain, adapters=(None, None, None)) -> list[FrameJob]:
+    """Three characters at different points of their chains (frame 0, 1 and 3)."""
+    seq = synthetic_dance(frames=4, fps=8, width=64, height=64)
+    poses = [chain.image_tensor(render_pose_map(k, 64, 64)) for k in seq.keypoints]
+    gen = torch.Generator().manual_seed(1)
+    latent = lambda: torch.randn(1, 4, 8, 8, generator=gen)  # noqa: E731
+    anchor = Reference(0, latent(), poses[0])
+    prompts = ["a woman dancing", "a man in a blue suit", "a robot"]
+    texts = [chain.encode_prompt(p, "blurry") for p in prompts]
+    return [
+        FrameJob(0, 11, poses[0], texts[0], settings(), adapter=adapters[0]),
+        FrameJob(
+            1,
+            22,
+            poses[1],
+            texts[1],
+            settings(guidance=3.0),
+            previous=anchor,
+            anchor=anchor,
+            adapter=adapters[1],
+        ),
+        FrameJob(
+            3,
+            33,
+            poses[3],
+            texts[2],
+            settings(),
+            previous=Reference(2, latent(), poses[2]),
+            anchor=anchor,
+            adapter=adapters[2],
+        ),
+    ]
+
+
+def test_mixed_batch_equals_alone_within_tolerance(tiny_chain):
+    jobs = make_jobs(tiny_chain)
+    denoiser = BatchDenoiser(tiny_chain)
+    mixed = denoiser.denoise(jobs)
+    for job, got in zip(jobs, mixed, strict=True):
+        torch.testing.assert_close(got, denoiser.denoise([job])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_padded_batches_are_bit_identical(tiny_chain):
+    jobs = make_jobs(tiny_chain)
+    denoiser = BatchDenoiser(tiny_chain, pad_rows=12)
+    mixed = denoiser.denoise(jobs)
+    reordered = denoiser.denoise([jobs[2], jobs[0]])
+    for job, got in zip(jobs, mixed, strict=True):
+        assert torch.equal(got, denoiser.denoise([job])[0])
+    assert torch.equal(reordered[0], mixed[2]) and torch.equal(reordered[1], mixed[0])
+
+
+def test_per_sample_lora_in_one_batch(lora_chain):
+    jobs = make_jobs(lora_chain, adapters=("a", None, "b"))
+    denoiser = BatchDenoiser(lora_chain, pad_rows=12)
+    mixed = denoiser.denoise(jobs)
+    for job, got in zip(jobs, mixed, strict=True):
+        assert torch.equal(got, denoiser.denoise([job])[0])
+    # The adapters really act, each on its own rows only.
+    base = denoiser.denoise(make_jobs(lora_chain))
+    assert (mixed[0] - base[0]).abs().mean() > 1e-3 and (mixed[2] - base[2]).abs().mean() > 1e-3
+    assert torch.equal(mixed[1], base[1])
+    swapped = denoiser.denoise(make_jobs(lora_chain, adapters=("b", None, "a")))
+    assert not torch.equal(swapped[0], mixed[0])
+
+
+def test_mixed_signatures_are_refused(tiny_chain):
+    jobs = make_jobs(tiny_chain)
+    other = FrameJob(0, 1, jobs[0].pose, jobs[0].text, settings("none"))
+    with pytest.raises(ValueError, match="signature"):
+        BatchDenoiser(tiny_chain).denoise([jobs[0], other])
+
+
+@torch.no_grad()
+def test_row_results_depend_on_batch_size_only(tiny_components):
+    """The CPU fact the padding relies on: content and position of other rows don't matter."""
+    unet = tiny_components.unet
+    a, b, c = torch.randn(3, 1, 4, 8, 8, generator=torch.Generator().manual_seed(2)).unbind(0)
+    text = torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(3))
+
+    def row(batch: list[torch.Tensor], i: int) -> torch.Tensor:
+        x = torch.cat(batch)
+        return unet(
+            x, torch.full((len(batch),), 500), encoder_hidden_states=text.expand(len(batch), -1, -1)
+        ).sample[i]
+
+    assert torch.equal(row([a, b, c], 0), row([c, b, a], 2))
+    assert torch.equal(row([a, b, c], 0), row([a, c, c], 0))
