@@ -194,6 +194,32 @@ class BackgroundConfig(_Base):
     """Guidance scale of the inpainting pipeline."""
 
 
+class ClusterConfig(_Base):
+    """Actors of a Ray cluster render (actors/); ignored by in-process renders."""
+
+    samplers: int = Field(default=1, ge=1, le=1024)
+    """Sampler actors (frame chain models), each serving many characters."""
+    sampler_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
+    """GPUs per Sampler (fractions share a GPU; 0 on a CPU cluster)."""
+    trainers: int = Field(default=1, ge=1, le=1024)
+    """AppearanceTrainer actors (reference synthesis + LoRA training)."""
+    trainer_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
+    """GPUs per AppearanceTrainer."""
+    backgrounds: int = Field(default=1, ge=1, le=1024)
+    """BackgroundWorker actors (scene + SAM + inpainting)."""
+    background_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
+    """GPUs per BackgroundWorker."""
+    max_batch: int = Field(default=8, ge=1, le=256)
+    """Most frames (of different characters) denoised in one Sampler batch."""
+    max_preparing: int = Field(default=2, ge=1, le=1024)
+    """Most characters in the prepare stages (refine/LoRA/plate) at once."""
+    deterministic_batches: bool = True
+    """Pad every batch to max_batch frames so a frame is bit-identical whatever shares its batch
+    (costs padding compute when fewer characters are ready)."""
+    max_restarts: int = Field(default=3, ge=0, le=1000)
+    """Restarts of a dead actor before its work fails."""
+
+
 class RenderConfig(_Base):
     """Everything one render needs: the spec (prompt, poses, …) plus the engine settings."""
 
@@ -224,6 +250,7 @@ class RenderConfig(_Base):
     refine: RefineConfig = Field(default_factory=RefineConfig)
     appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     metrics: bool = False
     """Score the finished render (``avatar metrics``) and write metrics.json / metrics.png."""
     cache_dir: Path | None = None

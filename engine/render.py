@@ -32,12 +32,12 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 import engine
-from engine.chain import Background, FrameChain, FrameSettings, Reference, frame_seed
-from engine.compose import composite, latent_mask, load_mask, person_mask, soften_mask
+from engine.chain import FrameChain, frame_seed
 from engine.config import ConfigError, RenderConfig
-from engine.method import Preparation, prepare, release
+from engine.method import prepare, release
 from engine.models.registry import build_components
-from engine.pose import PoseSequence, load_poses, overlay_pose, render_pose_map, resample, validate
+from engine.pose import PoseSequence, load_poses, overlay_pose, resample, validate
+from engine.session import CharacterChain
 from engine.video import VideoWriter, contact_sheet, load_png, save_png
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def prepare_poses(config: RenderConfig) -> PoseSequence:
 
 def fingerprint(config: RenderConfig, poses: PoseSequence, model_name: str) -> str:
     """Hash of everything that determines the frames (not output settings): resume guard."""
-    relevant = config.model_dump(mode="json", exclude={"output", "refine", "limits"})
+    relevant = config.model_dump(mode="json", exclude={"output", "refine", "limits", "cluster", "metrics"})
     payload = json.dumps([relevant, model_name], sort_keys=True).encode()
     return hashlib.sha256(payload + poses.keypoints.tobytes()).hexdigest()
 
@@ -104,14 +104,20 @@ def render(
         chain = chain or FrameChain(build_components(config.model), config.model.attention)
     # 3. Output folder and resume point.
     key = fingerprint(config, poses, chain.parts.name)
-    start = _open_output(out, key, resume, len(poses.keypoints))
+    start = open_output(out, key, resume, len(poses.keypoints))
     # 4. The paper's stages before the chain: refine → appearance LoRA → background plate.
     prep = prepare(chain, config, poses, out, stage=timings.stage, progress=progress)
     try:
         with timings.stage("conditioning"):
-            text = chain.encode_prompt(prep.prompt, prep.negative)
-            plate = prep.plate
-            plate_latent = chain.encode_image(plate) if plate is not None else None
+            session = CharacterChain(
+                chain,
+                config,
+                poses.keypoints,
+                prompt=prep.prompt,
+                negative=prep.negative,
+                plate=prep.plate,
+                adapter=prep.adapter_name,
+            )
         # 5. The frame chain, streamed to disk and to the encoder.
         with (
             timings.stage("chain"),
@@ -125,9 +131,7 @@ def render(
         ):
             for index in range(start):  # a resumed render re-feeds the finished frames
                 video.write(load_png(out / "frames" / f"{index:06d}.png"))
-            frames = _chain_frames(
-                chain, config, poses, text, plate, plate_latent, out, start, prep.adapter_name
-            )
+            frames = _chain_frames(session, out, start)
             bar = tqdm(
                 frames,
                 total=len(poses.keypoints) - start,
@@ -142,14 +146,21 @@ def render(
     # 6. Contact sheet and manifest.
     with timings.stage("outputs"):
         if config.output.contact_sheet:
-            _write_contact_sheet(out, poses, config.output.contact_sheet_frames)
-    manifest = _write_manifest(out, config, poses, chain, key, start, timings, prep)
+            write_contact_sheet(out, poses, config.output.contact_sheet_frames)
+    manifest = write_manifest(
+        out, config, poses, model_info(chain), key, start, timings, (prep.prompt, prep.negative), prep.record
+    )
+    if config.metrics:  # score the finished render: metrics.json + metrics.png
+        from engine.metrics.report import score_render
+
+        with timings.stage("metrics"):
+            score_render(out)
     return RenderResult(
         out, out / "video.mp4", manifest, len(poses.keypoints), start, dict(timings)
     )
 
 
-def _open_output(out: Path, key: str, resume: bool, total: int) -> int:
+def open_output(out: Path, key: str, resume: bool, total: int) -> int:
     """Create the folders; return the first frame to render (0 unless resuming)."""
     for sub in ("frames", "poses", "latents", "masks"):
         (out / sub).mkdir(parents=True, exist_ok=True)
@@ -171,87 +182,52 @@ def _open_output(out: Path, key: str, resume: bool, total: int) -> int:
     return done
 
 
-def _frame_mask(config: RenderConfig, poses: PoseSequence, index: int) -> np.ndarray:
-    """Soft person mask (H, W) float32 in [0, 1] of frame ``index``."""
-    if config.masks is not None:
-        files = sorted(
-            p for p in Path(config.masks).iterdir() if p.suffix.lower() in (".png", ".jpg")
-        )
-        if len(files) < len(poses.keypoints):
-            raise ConfigError(
-                f"masks: {config.masks} has {len(files)} images for {len(poses.keypoints)} frames"
-            )
-        side = min(config.width, config.height)
-        return soften_mask(
-            load_mask(files[index], config.width, config.height),
-            dilate_px=round(config.chain.mask_dilate * side),
-            feather_px=round(config.chain.mask_feather * side),
-        )
-    return person_mask(
-        poses.keypoints[index],
-        config.width,
-        config.height,
-        dilate=config.chain.mask_dilate,
-        feather=config.chain.mask_feather,
-    )
-
-
 def _chain_frames(
-    chain: FrameChain,
-    config: RenderConfig,
-    poses: PoseSequence,
-    text: torch.Tensor,
-    plate: np.ndarray | None,
-    plate_latent: torch.Tensor | None,
-    out: Path,
-    start: int,
-    adapter: str | None,
+    session: CharacterChain, out: Path, start: int
 ) -> Iterator[tuple[int, np.ndarray]]:
     """Render frames ``start..F-1``, persisting each (frame, pose map, mask, latent); yields them."""
-    settings = FrameSettings.from_config(config)
-    width, height = config.width, config.height
-
-    def reference(index: int) -> Reference:
-        latent = load_file(out / "latents" / f"{index:06d}.safetensors")["latent"].to(
-            chain.device, chain.parts.dtype
+    anchor = load_latent(out, 0) if start > 0 else None
+    previous = load_latent(out, start - 1) if start > 0 else None
+    for index in range(start, session.frames):
+        job = session.job(index, previous, anchor)
+        latent = session.chain.denoise(
+            index=job.index,
+            seed=job.seed,
+            pose=job.pose,
+            text=job.text,
+            settings=job.settings,
+            previous=job.previous,
+            anchor=job.anchor,
+            background=job.background,
+            adapter=job.adapter,
         )
-        pose_map = render_pose_map(poses.keypoints[index], width, height)
-        return Reference(index, latent, chain.image_tensor(pose_map))
-
-    anchor = reference(0) if start > 0 else None
-    previous = reference(start - 1) if start > 0 else None
-    for index in range(start, len(poses.keypoints)):
-        pose_map = render_pose_map(poses.keypoints[index], width, height)
-        save_png(pose_map, out / "poses" / f"{index:06d}.png")
-        pose = chain.image_tensor(pose_map)
-        background = mask = None
-        if plate_latent is not None:
-            mask = _frame_mask(config, poses, index)
-            save_png(np.rint(mask * 255).astype(np.uint8), out / "masks" / f"{index:06d}.png")
-            background = Background(
-                plate_latent,
-                latent_mask(mask, chain.parts.vae_scale).to(chain.device, chain.parts.dtype),
-            )
-        latent = chain.denoise(
-            index=index,
-            seed=config.seed,
-            pose=pose,
-            text=text,
-            settings=settings,
-            previous=previous,
-            anchor=anchor,
-            background=background,
-            adapter=adapter,
-        )
-        frame = chain.decode(latent)
-        if plate is not None and mask is not None:
-            frame = composite(frame, plate, mask)
-        save_png(frame, out / "frames" / f"{index:06d}.png")
-        _save_latent(latent, out / "latents" / f"{index:06d}.safetensors")
-        previous = Reference(index, latent, pose)
+        frame = session.finish(index, latent)
+        save_frame(out, index, frame, latent, session.pose_map(index), session.mask(index))
+        previous = latent
         if index == 0:
-            anchor = previous
+            anchor = latent
         yield index, frame
+
+
+def save_frame(
+    out: Path,
+    index: int,
+    frame: np.ndarray,
+    latent: torch.Tensor,
+    pose_map: np.ndarray,
+    mask: np.ndarray | None,
+) -> None:
+    """Persist a finished frame; its latent is written last, so it marks the frame as done."""
+    save_png(pose_map, out / "poses" / f"{index:06d}.png")
+    if mask is not None:
+        save_png(np.rint(mask * 255).astype(np.uint8), out / "masks" / f"{index:06d}.png")
+    save_png(frame, out / "frames" / f"{index:06d}.png")
+    _save_latent(latent, out / "latents" / f"{index:06d}.safetensors")
+
+
+def load_latent(out: Path, index: int) -> torch.Tensor:
+    """The persisted (1, 4, h, w) float32 clean latent of frame ``index``."""
+    return load_file(out / "latents" / f"{index:06d}.safetensors")["latent"]
 
 
 def _save_latent(latent: torch.Tensor, path: Path) -> None:
@@ -260,7 +236,7 @@ def _save_latent(latent: torch.Tensor, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_contact_sheet(out: Path, poses: PoseSequence, max_frames: int) -> None:
+def write_contact_sheet(out: Path, poses: PoseSequence, max_frames: int) -> None:
     total = len(poses.keypoints)
     picks = np.unique(np.linspace(0, total - 1, min(total, max_frames)).round().astype(int))
     images = [
@@ -268,6 +244,11 @@ def _write_contact_sheet(out: Path, poses: PoseSequence, max_frames: int) -> Non
         for i in picks
     ]
     save_png(contact_sheet(images, [str(i) for i in picks]), out / "contact_sheet.png")
+
+
+def model_info(chain: FrameChain) -> dict[str, str]:
+    """Provenance of the resident models for the manifest."""
+    return {"name": chain.parts.name, "device": str(chain.device), "dtype": str(chain.parts.dtype)}
 
 
 def _versions() -> dict[str, str]:
@@ -284,25 +265,23 @@ def _versions() -> dict[str, str]:
     }
 
 
-def _write_manifest(
+def write_manifest(
     out: Path,
     config: RenderConfig,
     poses: PoseSequence,
-    chain: FrameChain,
+    model: dict[str, str],
     key: str,
     start: int,
     timings: dict[str, float],
-    prep: Preparation,
+    prompt: tuple[str, str],
+    stages: dict[str, Any],
 ) -> Path:
+    """Write manifest.json; ``prompt`` is (frame prompt, negative), ``stages`` the stage records."""
     frames = len(poses.keypoints)
     chain_time = timings.get("chain", 0.0)
     manifest: dict[str, Any] = {
         "config": config.model_dump(mode="json"),
-        "model": {
-            "name": chain.parts.name,
-            "device": str(chain.device),
-            "dtype": str(chain.parts.dtype),
-        },
+        "model": model,
         "poses": {
             "source": poses.source,
             "frames": frames,
@@ -310,8 +289,8 @@ def _write_manifest(
             "width": poses.width,
             "height": poses.height,
         },
-        "prompt": {"frame": prep.prompt, "negative": prep.negative},
-        "stages": prep.record,
+        "prompt": {"frame": prompt[0], "negative": prompt[1]},
+        "stages": stages,
         "seeds": [frame_seed(config.seed, i) for i in range(frames)],
         "fingerprint": key,
         "resumed_from": start,

@@ -86,6 +86,13 @@ _ARCH: dict[str, dict[str, Any]] = {
 }
 
 
+def model_name(config: ModelConfig) -> str:
+    """Provenance id of the components ``config`` builds (manifests, cache keys, fingerprints)."""
+    if config.preset == "sd15":
+        return f"sd15:{config.base}+{config.controlnet}"
+    return f"{config.preset}-random-seed{config.seed}"
+
+
 def resolve_device(spec: str) -> torch.device:
     """``auto`` → cuda if available, else cpu; otherwise ``torch.device(spec)``."""
     if spec == "auto":
@@ -180,7 +187,7 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
             scheduler=DDIMScheduler.from_config(SD_SCHEDULER),
             device=device,
             dtype=torch.float32,
-            name=f"{config.preset}-random-seed{config.seed}",
+            name=model_name(config),
         )
     )
 
@@ -276,7 +283,7 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
         ),
         device=device,
         dtype=dtype,
-        name=f"sd15:{config.base}+{config.controlnet}",
+        name=model_name(config),
     )
     return _finish(parts)
 
