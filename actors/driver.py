@@ -131,7 +131,10 @@ class ClusterRenderer:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster render not finished after {timeout_s:.0f} s")
             for render_id in self.scheduler.next_prepares():
-                self._start_prepare(render_id)
+                try:
+                    self._start_prepare(render_id)
+                except Exception as e:  # a bad input (e.g. unreadable plate) fails this render alone
+                    self.scheduler.fail(render_id, f"prepare failed: {e}")
             self._submit_batches()
             pending = list(self.busy) + list(self.preparing)
             if pending:
@@ -183,9 +186,15 @@ class ClusterRenderer:
             batch = self.scheduler.next_batch()
             if not batch:
                 return
-            for request in batch:
+            for request in list(batch):
                 if request.render_id not in self.opened[sampler]:
-                    self._open(sampler, self.tasks[request.render_id])
+                    try:
+                        self._open(sampler, self.tasks[request.render_id])
+                    except (RayTaskError, ValueError, OSError) as e:
+                        self.scheduler.fail(request.render_id, f"opening the render failed: {e}")
+                        batch.remove(request)
+            if not batch:
+                continue
             payload = [self._request(r) for r in batch]
             self.stats["batch_sizes"].append(len(batch))
             self.busy[self.samplers[sampler].denoise.remote(payload)] = (sampler, batch)

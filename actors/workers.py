@@ -13,8 +13,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -205,14 +203,12 @@ class Sampler:
     def pid(self) -> int:
         return os.getpid()
 
+    def node_id(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
     return None if array is None else torch.from_numpy(np.array(array))  # a writable copy
-
-
-def scratch_dir() -> Path:
-    """A per-process scratch folder (actors never share files)."""
-    return Path(tempfile.mkdtemp(prefix="avatar-actor-"))
 
 
 def gpu_share(count: int, gpus: float) -> float:
