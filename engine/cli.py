@@ -1,4 +1,4 @@
-"""The ``avatar`` command line: render, poses convert, presets."""
+"""The ``avatar`` command line: render, metrics, poses convert, presets."""
 
 from __future__ import annotations
 
@@ -27,10 +27,19 @@ def _fail(message: str) -> None:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors caused by input or environment: reported as one message, never a traceback."""
+    from engine.metrics.inputs import MetricsError
+    from engine.metrics.pose_mse import PoseEstimatorError
     from engine.models.registry import WeightsNotFoundError
     from engine.pose import PoseError
 
-    return (ConfigError, PoseError, WeightsNotFoundError, FileNotFoundError)
+    return (
+        ConfigError,
+        PoseError,
+        WeightsNotFoundError,
+        FileNotFoundError,
+        MetricsError,
+        PoseEstimatorError,
+    )
 
 
 @app.command()
@@ -60,6 +69,59 @@ def render(
     per_frame = result.timings.get("chain", 0.0) / max(1, result.frames - result.resumed_from)
     typer.echo(f"rendered {result.frames} frames ({per_frame:.2f} s/frame) into {result.out_dir}")
     typer.echo(f"video: {result.video}")
+
+
+@app.command()
+def metrics(
+    target: Annotated[
+        Path, typer.Argument(help="A render folder, or an mp4 (give --poses and --prompt).")
+    ],
+    poses: Annotated[
+        Path | None, typer.Option(help="Poses of the video (default: the render's manifest).")
+    ] = None,
+    prompt: Annotated[
+        str | None, typer.Option(help="Prompt for text alignment (default: the manifest's).")
+    ] = None,
+    clip: Annotated[
+        str | None,
+        typer.Option(
+            help="CLIP model: 'tiny' (random), a hub id or a folder (default: the render's "
+            "preset; openai/clip-vit-large-patch14 for an mp4)."
+        ),
+    ] = None,
+    estimator: Annotated[
+        str,
+        typer.Option(help="Pose MSE estimator: auto (mediapipe if installed), none, mediapipe."),
+    ] = "auto",
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", "-o", help="Output folder for an mp4 (default: its own)."),
+    ] = None,
+) -> None:
+    """Score a video: writes metrics.json and metrics.png and prints the aggregate metrics."""
+    from engine.metrics.plot import summary_table
+    from engine.metrics.report import clip_for, score_render, score_video
+
+    if estimator not in ("auto", "none", "mediapipe"):
+        _fail(f"--estimator {estimator!r} is not one of: auto, none, mediapipe")
+    try:
+        scorer = clip_for(None, clip) if clip else None
+        if target.is_file():
+            out_dir = out or target.parent
+            result = score_video(target, poses, out_dir, prompt, clip=scorer, estimator=estimator)
+        elif target.is_dir():
+            out_dir = target
+            result = score_render(
+                target, clip=scorer, estimator=estimator, prompt=prompt, poses=poses
+            )
+        else:
+            _fail(f"{target}: no such render folder or video; check the path")
+            return
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    typer.echo(summary_table(result))
+    typer.echo(f"wrote {out_dir / 'metrics.json'} and {out_dir / 'metrics.png'}")
 
 
 @poses_app.command("convert")

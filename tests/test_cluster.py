@@ -85,6 +85,8 @@ def test_mixed_batches_and_sampler_failure_lose_nothing(tmp_path: Path):
         done = []
 
         def on_event(event):
+            # The driver keeps two latents per chain (anchor + latest), however long it is.
+            assert all(len(t.latents) <= 2 for t in renderer.tasks.values())
             if event.frames_done and event.stage is Stage.RENDERING:
                 done.append(event)
                 if kill_after is not None and len(done) == kill_after:
