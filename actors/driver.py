@@ -85,12 +85,18 @@ class ClusterRenderer:
             for _ in range(c.samplers)
         ]  # type: ignore[attr-defined]
         self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
+        self.config = c
+        self._waiting_since: float | None = None
         self.on_event = on_event
         self.tasks: dict[str, RenderTask] = {}
         self.opened: list[set[str]] = [set() for _ in self.samplers]
         self.busy: dict[Any, tuple[int, list[FrameRequest]]] = {}
         self.preparing: dict[Any, str] = {}
-        self.stats: dict[str, Any] = {"batch_sizes": [], "requeued_frames": 0, "sampler_failures": 0}
+        self.stats: dict[str, Any] = {
+            "batch_sizes": [],
+            "requeued_frames": 0,
+            "sampler_failures": 0,
+        }
 
     # -- submission -----------------------------------------------------------------------
 
@@ -133,12 +139,15 @@ class ClusterRenderer:
             for render_id in self.scheduler.next_prepares():
                 try:
                     self._start_prepare(render_id)
-                except Exception as e:  # a bad input (e.g. unreadable plate) fails this render alone
+                except (
+                    Exception
+                ) as e:  # a bad input (e.g. unreadable plate) fails this render alone
                     self.scheduler.fail(render_id, f"prepare failed: {e}")
             self._submit_batches()
             pending = list(self.busy) + list(self.preparing)
             if pending:
-                done, _ = ray.wait(pending, num_returns=1, timeout=1.0)
+                holding = self._waiting_since is not None
+                done, _ = ray.wait(pending, num_returns=1, timeout=0.05 if holding else 1.0)
                 for ref in done:
                     self._collect(ref)
             self._emit()
@@ -186,6 +195,10 @@ class ClusterRenderer:
             batch = self.scheduler.next_batch()
             if not batch:
                 return
+            if self._hold(batch):
+                self.scheduler.requeue(batch)
+                return
+            self._waiting_since = None
             for request in list(batch):
                 if request.render_id not in self.opened[sampler]:
                     try:
@@ -198,6 +211,19 @@ class ClusterRenderer:
             payload = [self._request(r) for r in batch]
             self.stats["batch_sizes"].append(len(batch))
             self.busy[self.samplers[sampler].denoise.remote(payload)] = (sampler, batch)
+
+    def _hold(self, batch: list[FrameRequest]) -> bool:
+        """Wait window: hold back a part-full batch while characters are still being prepared
+        (they would otherwise join one frame later, unbatched), at most ``batch_wait_s``."""
+        preparing = any(
+            self.scheduler.status(r).stage is Stage.PREPARING for r in self.scheduler.active()
+        )
+        if len(batch) >= self.config.max_batch or not preparing or self.config.batch_wait_s <= 0:
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since < self.config.batch_wait_s
 
     def _request(self, r: FrameRequest) -> dict[str, Any]:
         latents = self.tasks[r.render_id].latents

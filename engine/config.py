@@ -211,6 +211,9 @@ class ClusterConfig(_Base):
     """GPUs per BackgroundWorker."""
     max_batch: int = Field(default=8, ge=1, le=256)
     """Most frames (of different characters) denoised in one Sampler batch."""
+    batch_wait_s: float = Field(default=0.25, ge=0.0, le=60.0)
+    """When fewer than max_batch frames are ready while characters are still being prepared,
+    wait up to this long for them to join the batch (0 = never wait)."""
     max_preparing: int = Field(default=2, ge=1, le=1024)
     """Most characters in the prepare stages (refine/LoRA/plate) at once."""
     deterministic_batches: bool = True
