@@ -150,6 +150,7 @@ class ClusterRenderer:
                 done, _ = ray.wait(pending, num_returns=1, timeout=0.05 if holding else 1.0)
                 for ref in done:
                     self._collect(ref)
+                self._submit_batches()  # keep the Samplers busy while finished renders encode
             self._emit()
         self._emit()
         return {rid: self.scheduler.status(rid) for rid in self.tasks}

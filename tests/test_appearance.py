@@ -212,7 +212,9 @@ def test_saved_adapter_reloads_changes_output_and_disables_exactly(
     assert active_adapter(parts.unet) == "character"
     with_lora = unet_out(parts)
     assert not torch.allclose(with_lora, base, atol=1e-4)
-    frame_lora = chain.denoise(index=0, seed=1, pose=pose, text=text, settings=settings)
+    frame_lora = chain.denoise(
+        index=0, seed=1, pose=pose, text=text, settings=settings, adapter="character"
+    )
     assert not torch.equal(frame_lora, frame_base)  # through the frame chain's processors
     activate(parts.unet, None)
     assert active_adapter(parts.unet) is None
