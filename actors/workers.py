@@ -11,7 +11,6 @@ AdapterWeights) that travel through the object store; no shared filesystem is as
 from __future__ import annotations
 
 import logging
-import math
 import os
 from typing import Any
 
@@ -161,9 +160,6 @@ class Sampler:
     def close(self, render_id: str) -> None:
         self.sessions.pop(render_id, None)
 
-    def open_renders(self) -> list[str]:
-        return sorted(self.sessions)
-
     def denoise(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Denoise one batch. Each request: render_id, index, previous, anchor (float32 latents
         or None). Each result: render_id, index, and latent/frame/pose_map/mask, or error (this
@@ -209,8 +205,3 @@ class Sampler:
 
 def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
     return None if array is None else torch.from_numpy(np.array(array))  # a writable copy
-
-
-def gpu_share(count: int, gpus: float) -> float:
-    """GPU fraction per actor when ``count`` actors share ``gpus`` GPUs (0 on a CPU cluster)."""
-    return 0.0 if gpus <= 0 else min(1.0, math.floor(gpus / count * 100) / 100)

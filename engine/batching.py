@@ -86,12 +86,6 @@ class BatchDenoiser:
         s = job.settings
         return height, width, s.steps, "kv" in s.inter_frame, s.kv_include_self
 
-    def rows_needed(self, job: FrameJob) -> int:
-        """Batch rows the job occupies: 1-2 for its own frame (CFG) + its reference frames."""
-        return (2 if job.settings.guidance > 1.0 else 1) + len(
-            self.chain.references(job.settings, job.previous, job.anchor)
-        )
-
     @torch.no_grad()
     def denoise(self, jobs: Sequence[FrameJob]) -> list[torch.Tensor]:
         """Denoise ``jobs`` (equal :meth:`signature`) → their (1, 4, h, w) clean latents."""

@@ -76,7 +76,9 @@ def prepare_poses(config: RenderConfig) -> PoseSequence:
 
 def fingerprint(config: RenderConfig, poses: PoseSequence, model_name: str) -> str:
     """Hash of everything that determines the frames (not output settings): resume guard."""
-    relevant = config.model_dump(mode="json", exclude={"output", "refine", "limits", "cluster", "metrics"})
+    relevant = config.model_dump(
+        mode="json", exclude={"output", "refine", "limits", "cluster", "metrics"}
+    )
     payload = json.dumps([relevant, model_name], sort_keys=True).encode()
     return hashlib.sha256(payload + poses.keypoints.tobytes()).hexdigest()
 
@@ -148,7 +150,15 @@ def render(
         if config.output.contact_sheet:
             write_contact_sheet(out, poses, config.output.contact_sheet_frames)
     manifest = write_manifest(
-        out, config, poses, model_info(chain), key, start, timings, (prep.prompt, prep.negative), prep.record
+        out,
+        config,
+        poses,
+        model_info(chain),
+        key,
+        start,
+        timings,
+        (prep.prompt, prep.negative),
+        prep.record,
     )
     if config.metrics:  # score the finished render: metrics.json + metrics.png
         from engine.metrics.report import score_render
