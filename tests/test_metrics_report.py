@@ -150,6 +150,7 @@ def test_cli_metrics_end_to_end(rendered: Path, tmp_path: Path, monkeypatch) -> 
     assert result.exit_code == 0, result.output
     assert (tmp_path / "scored" / "metrics.png").is_file()
     monkeypatch.setitem(sys.modules, "mediapipe", None)  # as if the [pose] extra were missing
+    monkeypatch.setattr("engine.metrics.pose_mse.pose_python", lambda: None)  # and no .venv-pose
     for args, needle in (
         ([str(tmp_path / "missing")], "no such render folder or video"),
         ([str(rendered), "--estimator", "mediapipe", "--clip", "tiny"], "[pose]"),
@@ -269,6 +270,7 @@ def test_mediapipe_adapter_maps_33_landmarks_to_coco18() -> None:
 
 def test_missing_mediapipe_is_a_clear_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "mediapipe", None)
+    monkeypatch.setattr("engine.metrics.pose_mse.pose_python", lambda: None)
     with pytest.raises(PoseEstimatorError, match=r"\[pose\].*numpy<2.*--estimator none"):
         make_estimator("mediapipe")
     auto = make_estimator("auto")

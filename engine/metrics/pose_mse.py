@@ -24,8 +24,13 @@ Estimators follow the :class:`PoseEstimator` protocol. The offline default is Me
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
@@ -62,9 +67,9 @@ NECK, MP_LEFT_SHOULDER, MP_RIGHT_SHOULDER = 1, 11, 12
 MEDIAPIPE_MISSING = (
     "Pose MSE with the mediapipe estimator needs the optional extra [pose] "
     "(pip install 'dancing-avatar[pose]', i.e. mediapipe==0.10.21). mediapipe 0.10.21 pins "
-    "numpy<2, which conflicts with this project's numpy 2.x and opencv 5, so install it in a "
-    "separate virtual environment and score there, or use --estimator none (Pose MSE reported "
-    "as null)"
+    "numpy<2, which conflicts with this project's numpy 2.x and opencv 5: run `make pose-env` "
+    "(a separate .venv-pose the estimator calls into) or set AVATAR_POSE_PYTHON to a Python "
+    "with mediapipe, or use --estimator none (Pose MSE reported as null)"
 )
 
 
@@ -163,20 +168,90 @@ class MediaPipeEstimator:
         return landmarks_to_coco18(result.pose_landmarks.landmark, width, height)
 
 
+class SubprocessPose:
+    """MediaPipe Pose running in another Python (``make pose-env`` builds ``.venv-pose``, whose
+    numpy<2 cannot share this environment), driven over a pipe by ``mediapipe_worker.py``.
+    Same ``process(image)`` interface as ``mediapipe.solutions.pose.Pose``."""
+
+    def __init__(self, python: str) -> None:
+        worker = Path(__file__).with_name("mediapipe_worker.py")
+        self._proc = subprocess.Popen(
+            [python, "-u", str(worker)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        if self._readline() != "ready":
+            raise PoseEstimatorError(f"the mediapipe worker in {python} did not start")
+
+    def _readline(self) -> str:
+        assert self._proc.stdout is not None
+        return self._proc.stdout.readline().decode().strip()
+
+    def process(self, image: np.ndarray) -> Any:
+        assert self._proc.stdin is not None
+        height, width = image.shape[:2]
+        self._proc.stdin.write(
+            f"{height} {width}\n".encode() + np.ascontiguousarray(image).tobytes()
+        )
+        self._proc.stdin.flush()
+        line = self._readline()
+        if not line:
+            raise PoseEstimatorError("the mediapipe worker exited while estimating a pose")
+        marks = json.loads(line)
+        if marks is None:
+            return SimpleNamespace(pose_landmarks=None)
+        landmark = [SimpleNamespace(x=x, y=y, visibility=v) for x, y, v in marks]
+        return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=landmark))
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait(timeout=10)
+
+    def __del__(self) -> None:
+        self.close()
+
+
+def pose_python() -> str | None:
+    """A Python with mediapipe: ``$AVATAR_POSE_PYTHON``, else ``.venv-pose`` of the checkout."""
+    configured = os.environ.get("AVATAR_POSE_PYTHON")
+    if configured:
+        return configured
+    local = Path(__file__).resolve().parents[2] / ".venv-pose" / "bin" / "python"
+    return str(local) if local.exists() else None
+
+
+def _mediapipe() -> MediaPipeEstimator:
+    """In-process mediapipe if importable, else the worker in :func:`pose_python`."""
+    try:
+        return MediaPipeEstimator()
+    except PoseEstimatorError:
+        python = pose_python()
+        if python is None:
+            raise
+        return MediaPipeEstimator(SubprocessPose(python))
+
+
 def make_estimator(name: EstimatorName = "auto") -> PoseEstimator:
-    """``mediapipe``, ``none``, or ``auto`` (mediapipe when installed, else ``none`` + reason)."""
+    """``mediapipe``, ``none``, or ``auto`` (mediapipe when available, else ``none`` + reason).
+
+    mediapipe is available when importable here or through a separate Python with it
+    (:func:`pose_python`: ``$AVATAR_POSE_PYTHON`` or the ``.venv-pose`` that ``make pose-env``
+    builds).
+    """
     if name == "none":
         return NoEstimator()
     if name == "mediapipe":
-        return MediaPipeEstimator()
+        return _mediapipe()
     if name == "auto":
         try:
-            return MediaPipeEstimator()
+            return _mediapipe()
         except PoseEstimatorError:
             return NoEstimator(
                 "mediapipe is not installed (the optional extra [pose] pins numpy<2 and "
-                "conflicts with this environment): install it in a separate environment and "
-                "pass --estimator mediapipe"
+                "conflicts with this environment): run `make pose-env` (a separate .venv-pose) "
+                "or set AVATAR_POSE_PYTHON to a Python that has mediapipe==0.10.21"
             )
     raise ValueError(f"unknown pose estimator {name!r}; use one of: auto, none, mediapipe")
 
