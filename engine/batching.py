@@ -93,7 +93,8 @@ class BatchDenoiser:
             raise ValueError(
                 "jobs of one batch must share size and inter-frame mode; group them by signature()"
             )
-        runs = [self._start(job) for job in jobs]
+        schedule = self._schedule(jobs[0].settings.steps)  # equal steps: part of the signature
+        runs = [self._start(job, schedule) for job in jobs]
         while not all(r.done for r in runs):
             active = [r for r in runs if not r.done]
             eps = self._forward(active)
@@ -107,11 +108,11 @@ class BatchDenoiser:
         self.sched.set_timesteps(steps, device=self.chain.device)
         return self.sched.timesteps.clone()
 
-    def _start(self, job: FrameJob) -> _Run:
+    def _start(self, job: FrameJob, schedule: torch.Tensor) -> _Run:
         s = job.settings
         _, _, height, width = job.pose.shape
         noise = self.chain.initial_noise(job.seed, job.index, height, width)
-        timesteps = self._schedule(s.steps)
+        timesteps = schedule
         latents = noise * self.sched.init_noise_sigma
         if "latent" in s.inter_frame and job.previous is not None:
             start = min(s.steps - round(s.steps * s.latent_strength), s.steps - 1)

@@ -7,6 +7,7 @@ the chain state proper is the two reference latents the caller passes in.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,18 @@ class CharacterChain:
         self.plate = plate
         self.plate_latent = chain.encode_image(plate) if plate is not None else None
         self.adapter = adapter
+        self.mask_files = _mask_files(config, len(keypoints)) if plate is not None else None
+        self._memo: dict[tuple[str, int], np.ndarray] = {}
+
+    def _cached(self, kind: str, index: int, make: Callable[[], np.ndarray]) -> np.ndarray:
+        """A per-frame image, computed once: a frame's pose map and mask are needed by its job,
+        its finish, its outputs and (pose map) as a reference of the next frame."""
+        key = (kind, index)
+        if key not in self._memo:
+            if len(self._memo) >= 8:  # bounded: a chain needs the last few frames only
+                del self._memo[next(iter(self._memo))]
+            self._memo[key] = make()
+        return self._memo[key]
 
     @property
     def frames(self) -> int:
@@ -57,13 +70,33 @@ class CharacterChain:
 
     def pose_map(self, index: int) -> np.ndarray:
         """(H, W, 3) uint8 OpenPose map of frame ``index``."""
-        return render_pose_map(self.keypoints[index], self.config.width, self.config.height)
+        c = self.config
+        return self._cached(
+            "pose", index, lambda: render_pose_map(self.keypoints[index], c.width, c.height)
+        )
 
     def mask(self, index: int) -> np.ndarray | None:
         """Soft person mask (H, W) float32 in [0, 1] of frame ``index``; None without a plate."""
         if self.plate is None:
             return None
-        return frame_mask(self.config, self.keypoints, index)
+        return self._cached("mask", index, lambda: self._make_mask(index))
+
+    def _make_mask(self, index: int) -> np.ndarray:
+        c = self.config
+        side = min(c.width, c.height)
+        if self.mask_files is not None:
+            return soften_mask(
+                load_mask(self.mask_files[index], c.width, c.height),
+                dilate_px=round(c.chain.mask_dilate * side),
+                feather_px=round(c.chain.mask_feather * side),
+            )
+        return person_mask(
+            self.keypoints[index],
+            c.width,
+            c.height,
+            dilate=c.chain.mask_dilate,
+            feather=c.chain.mask_feather,
+        )
 
     def reference(self, index: int, latent: torch.Tensor) -> Reference:
         """A finished frame as a reference for later frames."""
@@ -102,26 +135,11 @@ class CharacterChain:
         return frame
 
 
-def frame_mask(config: RenderConfig, keypoints: np.ndarray, index: int) -> np.ndarray:
-    """Soft person mask (H, W) float32 in [0, 1]: from ``config.masks`` images, else the pose."""
-    side = min(config.width, config.height)
-    if config.masks is not None:
-        files = sorted(
-            p for p in Path(config.masks).iterdir() if p.suffix.lower() in (".png", ".jpg")
-        )
-        if len(files) < len(keypoints):
-            raise ConfigError(
-                f"masks: {config.masks} has {len(files)} images for {len(keypoints)} frames"
-            )
-        return soften_mask(
-            load_mask(files[index], config.width, config.height),
-            dilate_px=round(config.chain.mask_dilate * side),
-            feather_px=round(config.chain.mask_feather * side),
-        )
-    return person_mask(
-        keypoints[index],
-        config.width,
-        config.height,
-        dilate=config.chain.mask_dilate,
-        feather=config.chain.mask_feather,
-    )
+def _mask_files(config: RenderConfig, frames: int) -> list[Path] | None:
+    """The supplied per-frame mask images (``config.masks``), listed and checked once."""
+    if config.masks is None:
+        return None
+    files = sorted(p for p in Path(config.masks).iterdir() if p.suffix.lower() in (".png", ".jpg"))
+    if len(files) < frames:
+        raise ConfigError(f"masks: {config.masks} has {len(files)} images for {frames} frames")
+    return files

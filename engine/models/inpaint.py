@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
 
 from engine.config import ModelConfig
 from engine.models.registry import (
-    _ARCH,
+    RANDOM_PRESETS,
     DiffusionComponents,
     WeightsNotFoundError,
-    _load,
+    load_pretrained,
     local_weights,
+    random_unet_kwargs,
 )
 
 INPAINT_IN_CHANNELS = 9
@@ -39,29 +39,19 @@ def random_inpaint_unet(
     """A seeded random 9-channel inpainting UNet with the registry's ``preset`` architecture.
 
     Args:
-        preset: "tiny" or "small" (a key of the registry's ``_ARCH``).
+        preset: a random preset (:data:`~engine.models.registry.RANDOM_PRESETS`).
         seed: weight seed; the global torch RNG is left untouched.
         cross_attention_dim: text embedding width (default: the preset's text hidden size).
     """
-    if preset not in _ARCH:
+    if preset not in RANDOM_PRESETS:
         raise ValueError(
-            f"no random inpainting UNet for preset {preset!r}; use one of {list(_ARCH)}"
+            f"no random inpainting UNet for preset {preset!r}; use one of {list(RANDOM_PRESETS)}"
         )
-    arch = _ARCH[preset]
-    n = len(arch["unet_channels"])
-    # Same block layout as engine.models.registry.build_random's UNet, 9 input channels.
-    kwargs: dict[str, Any] = {
-        "block_out_channels": arch["unet_channels"],
-        "down_block_types": ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-        "layers_per_block": arch["layers_per_block"],
-        "attention_head_dim": arch["heads"],
-        "norm_num_groups": arch["groups"],
-        "cross_attention_dim": cross_attention_dim or arch["text"]["hidden_size"],
-        "in_channels": INPAINT_IN_CHANNELS,
-        "out_channels": 4,
-        "sample_size": 64,  # unused (height/width are always passed); the pipeline reads it
-    }
+    # The registry's UNet layout with 9 input channels (latent, mask, masked-image latent).
+    kwargs = random_unet_kwargs(preset, INPAINT_IN_CHANNELS)
+    if cross_attention_dim is not None:
+        kwargs["cross_attention_dim"] = cross_attention_dim
+    kwargs["sample_size"] = 64  # unused (height/width are always passed); the pipeline reads it
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DConditionModel(**kwargs)
@@ -79,7 +69,7 @@ def load_inpaint_unet(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditio
             it and the ``model.inpaint`` field to change), or its UNet is not 9-channel.
     """
     folder = local_weights(config.inpaint, "SD inpainting checkpoint", "inpaint", _offline(config))
-    unet = _load(
+    unet = load_pretrained(
         UNet2DConditionModel.from_pretrained, folder / "unet", "inpainting UNet", torch_dtype=dtype
     )
     if unet.config.in_channels != INPAINT_IN_CHANNELS:

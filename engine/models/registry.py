@@ -126,6 +126,30 @@ def _activate_controlnet(controlnet: ControlNetModel, generator: torch.Generator
         cond.conv_out.bias.zero_()
 
 
+RANDOM_PRESETS = tuple(_ARCH)
+"""Presets built with random weights (the others load real weights)."""
+
+
+def random_unet_kwargs(preset: str, in_channels: int = 4) -> dict[str, Any]:
+    """UNet2DConditionModel arguments of a random preset: SD-1.x block types, fewer channels.
+
+    Shared by the denoising UNet, the ControlNet (its down path) and the 9-channel inpainting UNet.
+    """
+    arch = _ARCH[preset]
+    n = len(arch["unet_channels"])
+    return {
+        "block_out_channels": arch["unet_channels"],
+        "down_block_types": ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
+        "layers_per_block": arch["layers_per_block"],
+        "attention_head_dim": arch["heads"],
+        "norm_num_groups": arch["groups"],
+        "cross_attention_dim": arch["text"]["hidden_size"],
+        "in_channels": in_channels,
+        "out_channels": 4,
+    }
+
+
 def build_random(config: ModelConfig) -> DiffusionComponents:
     """Seeded random-weight SD components for ``config.preset`` in {"tiny", "small"}."""
     arch = _ARCH[config.preset]
@@ -145,23 +169,13 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
             pad_token_id=tokenizer.pad_token_id,
         )
     )
-    n = len(arch["unet_channels"])
-    blocks = {
-        "block_out_channels": arch["unet_channels"],
-        "down_block_types": ("CrossAttnDownBlock2D",) * (n - 1) + ("DownBlock2D",),
-        "layers_per_block": arch["layers_per_block"],
-        "attention_head_dim": arch["heads"],
-        "norm_num_groups": arch["groups"],
-        "cross_attention_dim": text["hidden_size"],
-        "in_channels": 4,
+    unet_kwargs = random_unet_kwargs(config.preset)
+    unet = UNet2DConditionModel(**unet_kwargs)
+    down_path = {
+        k: v for k, v in unet_kwargs.items() if k not in ("up_block_types", "out_channels")
     }
-    unet = UNet2DConditionModel(
-        **blocks,
-        out_channels=4,
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (n - 1),
-    )
     controlnet = ControlNetModel(
-        **blocks, conditioning_embedding_out_channels=arch["cond_channels"]
+        **down_path, conditioning_embedding_out_channels=arch["cond_channels"]
     )
     generator = torch.Generator().manual_seed(config.seed + 1)
     _activate_controlnet(controlnet, generator)
@@ -250,7 +264,8 @@ def local_weights(repo: str, what: str, field: str, offline: bool) -> Path:
         raise WeightsNotFoundError(f"{what}: downloading {repo!r} failed ({e}). {fix}") from None
 
 
-def _load(loader: Callable[..., Any], folder: Path, what: str, **kw: Any) -> Any:
+def load_pretrained(loader: Callable[..., Any], folder: Path, what: str, **kw: Any) -> Any:
+    """``loader(folder)`` from local files only; any failure → :class:`WeightsNotFoundError`."""
     try:
         return loader(str(folder), local_files_only=True, **kw)
     except (OSError, ValueError) as e:
@@ -267,18 +282,20 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
     base = local_weights(config.base, "SD-1.x checkpoint", "base", offline)
     control = local_weights(config.controlnet, "OpenPose ControlNet", "controlnet", offline)
     weights = {"torch_dtype": dtype}
-    tokenizer = _load(CLIPTokenizer.from_pretrained, base / "tokenizer", "tokenizer")
+    tokenizer = load_pretrained(CLIPTokenizer.from_pretrained, base / "tokenizer", "tokenizer")
     if len(tokenizer) < 1000:  # transformers builds an empty tokenizer from a folder without vocab
         raise WeightsNotFoundError(f"tokenizer: {base / 'tokenizer'} holds no CLIP vocabulary")
     parts = DiffusionComponents(
         tokenizer=tokenizer,
-        text_encoder=_load(
+        text_encoder=load_pretrained(
             CLIPTextModel.from_pretrained, base / "text_encoder", "text encoder", **weights
         ),
-        unet=_load(UNet2DConditionModel.from_pretrained, base / "unet", "UNet", **weights),
-        vae=_load(AutoencoderKL.from_pretrained, base / "vae", "VAE", **weights),
-        scheduler=_load(DDIMScheduler.from_pretrained, base / "scheduler", "scheduler"),
-        controlnet=_load(
+        unet=load_pretrained(
+            UNet2DConditionModel.from_pretrained, base / "unet", "UNet", **weights
+        ),
+        vae=load_pretrained(AutoencoderKL.from_pretrained, base / "vae", "VAE", **weights),
+        scheduler=load_pretrained(DDIMScheduler.from_pretrained, base / "scheduler", "scheduler"),
+        controlnet=load_pretrained(
             ControlNetModel.from_pretrained, control, "OpenPose ControlNet", **weights
         ),
         device=device,
