@@ -11,7 +11,7 @@ render ended. Manifest format::
     preset: tiny                   # engine settings (model, cluster) shared by every render
     set: [cluster.max_batch=8]     # optional overrides of those settings
     renders:
-      - id: alice                  # [A-Za-z0-9_.-]+, the output folder name
+      - id: alice                  # [A-Za-z0-9_-]{1,64}, the output folder name
         spec: dance.yaml           # a render spec file, relative to the manifest …
         priority: 1                # optional (higher first)
         set: [seed=7]              # optional per-render overrides
@@ -25,8 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -43,9 +41,10 @@ from engine.config import (
     deep_merge,
     load_config,
 )
+from engine.core.store import check_id
+from engine.files import atomic_json
 
 log = logging.getLogger("cluster.batch")
-_ID = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 
 
 class RenderEntry(BaseModel):
@@ -76,10 +75,9 @@ def load_manifest(path: Path) -> tuple[RenderConfig, list[tuple[RenderEntry, Ren
     renders = []
     seen: set[str] = set()
     for entry in manifest.renders:
-        if not _ID.match(entry.id) or entry.id in seen:
-            raise ConfigError(
-                f"batch manifest {path}: render id {entry.id!r} is invalid or repeated"
-            )
+        check_id(entry.id)
+        if entry.id in seen:
+            raise ConfigError(f"batch manifest {path}: render id {entry.id!r} is repeated")
         seen.add(entry.id)
         config = _render_config(path.parent, manifest, entry)
         if config.model != engine.model:
@@ -104,59 +102,75 @@ def _render_config(root: Path, manifest: BatchManifest, entry: RenderEntry) -> R
     return build_config(data, f"render {entry.id!r}")
 
 
-def _finished(out: Path, frames: int) -> bool:
-    return (out / "video.mp4").is_file() and (
-        out / "latents" / f"{frames - 1:06d}.safetensors"
-    ).is_file()
-
-
 def run_batch(manifest_path: Path, root: Path, *, timeout_s: float = 3600.0) -> dict[str, Any]:
-    """Render every entry of the manifest on the connected Ray cluster; write summary.json."""
-    from actors.driver import ClusterRenderer
-    from engine.render import prepare_poses
+    """Render every entry of the manifest on the connected Ray cluster; write summary.json.
+
+    The engine core's store lives in ``root``: renders left unfinished by a killed run resume
+    from their last persisted frame, finished ones are skipped (no actor is started when
+    nothing is left to do), failed ones are tried again. One render's fault never ends the job.
+    """
+    from actors.executor import RayExecutor
+    from engine.core import ConflictError, EngineCore, RenderStore
 
     engine, renders = load_manifest(manifest_path)
-    root.mkdir(parents=True, exist_ok=True)
     start = time.monotonic()
     summary: dict[str, Any] = {"manifest": str(manifest_path), "renders": {}}
-    renderer = ClusterRenderer(
+    core = EngineCore(
         engine,
-        on_event=lambda e: log.info(
-            "%s %s %d/%d", e.render_id, e.stage.value, e.frames_done, e.frames_total
-        ),
+        RenderStore(root),
+        RayExecutor(engine),
+        on_event=lambda e: log.info("%s %s", e["render_id"], _describe(e)),
     )
-    submitted = []
-    for entry, config in renders:
-        out = root / entry.id
-        frames = len(prepare_poses(config).keypoints)
-        if _finished(out, frames):
-            summary["renders"][entry.id] = {"status": "skipped", "frames": frames, "out": str(out)}
-            continue
-        renderer.submit(entry.id, config, out, priority=entry.priority)
-        submitted.append(entry.id)
-    results = renderer.run(timeout_s=timeout_s) if submitted else {}
-    frames_done = 0
-    for render_id, progress in results.items():
-        task = renderer.tasks[render_id]
-        summary["renders"][render_id] = {
-            "status": progress.stage.value,
-            "frames": progress.frames_total,
-            "resumed_from": task.start,
-            "error": progress.error,
-            "out": str(task.out),
-            "video": str(task.out / "video.mp4") if progress.stage.value == "done" else None,
-        }
-        frames_done += progress.frames_done - task.start
+    submitted: list[str] = []
+    try:
+        for entry, config in renders:
+            before = core.store.get(entry.id)
+            try:
+                core.submit(config, id=entry.id, priority=entry.priority, retry=True)
+            except (ConfigError, ConflictError) as e:
+                summary["renders"][entry.id] = {"status": "failed", "error": str(e)}
+                continue
+            if before is not None and before.state == "done":
+                summary["renders"][entry.id] = _entry(core, entry.id, "skipped")
+            else:
+                submitted.append(entry.id)
+        core.run_until_idle(timeout_s=timeout_s)
+        frames_done = 0
+        for render_id in submitted:
+            record = core.get(render_id)
+            summary["renders"][render_id] = _entry(core, render_id, record.state)
+            frames_done += record.frames_done - summary["renders"][render_id]["resumed_from"]
+    finally:
+        core.close()
     wall = time.monotonic() - start
     summary.update(
         wall_s=round(wall, 2),
         frames_rendered=frames_done,
         frames_per_s=round(frames_done / wall, 3) if wall else None,
     )
-    tmp = root / ".summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, root / "summary.json")
+    atomic_json(root / "summary.json", summary)
     return summary
+
+
+def _describe(event: dict[str, Any]) -> str:
+    if event["type"] == "frame":
+        return f"frame {event['frame'] + 1}/{event['frames_total']}"
+    return str(event.get("state") or event.get("error") or event["type"])
+
+
+def _entry(core: Any, render_id: str, status: str) -> dict[str, Any]:
+    record = core.get(render_id)
+    out = core.folder(render_id)
+    manifest = out / "manifest.json"
+    resumed = json.loads(manifest.read_text())["resumed_from"] if manifest.is_file() else 0
+    return {
+        "status": status,
+        "frames": record.frames_total,
+        "resumed_from": resumed if status != "skipped" else record.frames_total,
+        "error": record.error,
+        "out": str(out),
+        "video": str(out / "video.mp4") if record.state == "done" else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
     try:
         summary = run_batch(args.manifest, args.out.resolve(), timeout_s=args.timeout)
-    except ConfigError as e:
+    except (ConfigError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     failed = [k for k, v in summary["renders"].items() if v["status"] not in ("done", "skipped")]

@@ -57,6 +57,7 @@ def render(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Render a video from a spec; prints the path of the video."""
+    from engine.render import RenderError
     from engine.render import render as run_render
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -66,6 +67,9 @@ def render(
     except _user_errors() as e:
         _fail(str(e))
         return
+    except RenderError as e:  # input faults exit 2 (fix the spec), infrastructure faults 1
+        typer.secho(f"error: {e}", fg=typer.colors.RED, err=True)
+        raise typer.Exit(code=2 if e.kind == "input" else 1) from None
     per_frame = result.timings.get("chain", 0.0) / max(1, result.frames - result.resumed_from)
     typer.echo(f"rendered {result.frames} frames ({per_frame:.2f} s/frame) into {result.out_dir}")
     typer.echo(f"video: {result.video}")
@@ -128,7 +132,10 @@ def metrics(
 def poses_convert(
     src: Annotated[
         Path,
-        typer.Argument(help="poses.json, OpenPose JSON (file/folder), pose-map video/GIF/folder."),
+        typer.Argument(
+            help="poses.json, OpenPose JSON (file/folder), a pose-map video/GIF/folder, or an RGB "
+            "video/GIF/image folder of a person (poses extracted with MediaPipe Pose)."
+        ),
     ],
     dst: Annotated[Path, typer.Argument(help=".json → poses.json; .mp4/.gif/folder → pose maps.")],
     fps: Annotated[float | None, typer.Option(help="Resample to this fps.")] = None,
@@ -141,10 +148,44 @@ def poses_convert(
         float | None,
         typer.Option(help="fps of inputs that carry none (OpenPose JSON, image folders)."),
     ] = None,
+    kind: Annotated[
+        str,
+        typer.Option(
+            help="Visual input: auto (detect), skeleton (rendered OpenPose pose maps) or rgb "
+            "(a video of a person)."
+        ),
+    ] = "auto",
+    preview: Annotated[
+        Path | None,
+        typer.Option(help="Also write this .mp4: the poses drawn over the input video."),
+    ] = None,
+    smooth: Annotated[
+        bool, typer.Option(help="RGB: One-Euro temporal smoothing of the joints.")
+    ] = True,
+    max_gap: Annotated[
+        int, typer.Option(help="RGB: fill up to this many frames in a row with nobody detected.")
+    ] = 12,
+    on_missing: Annotated[
+        str, typer.Option(help="RGB: longer runs without a person: error or empty.")
+    ] = "error",
 ) -> None:
     """Convert a pose sequence between formats (and optionally resample it)."""
-    from engine.pose import convert_poses
+    from pydantic import ValidationError
 
+    from engine.pose import convert_poses
+    from engine.pose.extract import PoseExtractConfig
+
+    if kind not in ("auto", "skeleton", "rgb"):
+        _fail(f"--kind {kind!r} is not one of: auto, skeleton, rgb")
+    try:
+        extraction = PoseExtractConfig(
+            smoothing=smooth,
+            max_gap=max_gap,
+            on_missing=on_missing,  # type: ignore[arg-type]
+        )
+    except ValidationError as e:
+        _fail(f"invalid extraction option: {e.errors()[0]['loc'][0]}: {e.errors()[0]['msg']}")
+        return
     try:
         seq = convert_poses(
             src,
@@ -154,13 +195,27 @@ def poses_convert(
             height=height,
             max_frames=max_frames,
             input_fps=input_fps,
+            kind=kind,  # type: ignore[arg-type]
+            extraction=extraction,
+            preview=preview,
         )
     except _user_errors() as e:
         _fail(str(e))
         return
+    info = seq.info or {}
+    how = f", {info['kind']}" if info.get("kind") else ""
     typer.echo(
-        f"wrote {dst} ({len(seq.keypoints)} frames, {seq.fps:g} fps, {seq.width}x{seq.height})"
+        f"wrote {dst} ({len(seq.keypoints)} frames, {seq.fps:g} fps, "
+        f"{seq.width}x{seq.height}{how})"
     )
+    if info.get("filled") or info.get("empty"):
+        typer.echo(
+            f"no person detected in {len(info['filled']) + len(info['empty'])} frames: "
+            f"{len(info['filled'])} filled by interpolation, {len(info['empty'])} left empty "
+            f"(frames {info['empty'][:20]})"
+        )
+    if preview is not None:
+        typer.echo(f"preview: {preview}")
 
 
 @app.command()

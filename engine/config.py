@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from engine.pose.extract import PoseExtractConfig
+
 DEFAULT_NEGATIVE = (
     "lowres, bad anatomy, bad hands, extra limbs, missing fingers, blurry, deformed, "
     "watermark, text, cropped, worst quality"
@@ -33,8 +35,9 @@ class _Base(BaseModel):
 class ModelConfig(_Base):
     """Which diffusion components to build or load."""
 
-    preset: Literal["tiny", "small", "sd15"] = "tiny"
-    """Model builder from the registry: random-weight ``tiny``/``small`` or real ``sd15``."""
+    preset: Literal["tiny", "small", "sd15", "sd15-random"] = "tiny"
+    """Model builder from the registry: random-weight ``tiny``/``small``, real ``sd15``, or
+    ``sd15-random`` (SD-1.5's architectures with random weights: real-size speed anywhere)."""
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """sd15: hub id or local directory of an SD-1.x checkpoint in diffusers layout."""
     controlnet: str = "lllyasviel/sd-controlnet-openpose"
@@ -55,8 +58,18 @@ class ModelConfig(_Base):
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
     seed: int = Field(default=0, ge=0)
     """Seed of the random-weight builders (``tiny``/``small``); ignored by ``sd15``."""
-    attention: Literal["sdpa", "xformers"] = "sdpa"
-    """Attention kernel of the frame chain's processors; xformers needs a GPU and the extra."""
+    backend: Literal["eager", "compile", "onnx", "tensorrt"] = "eager"
+    """How the denoise step (ControlNet + UNet) runs (engine/accel): ``eager`` PyTorch,
+    ``compile`` (torch.compile), ``onnx`` (exported graph on onnxruntime; the ``onnx`` extra) or
+    ``tensorrt`` (engines built from that graph; the ``tensorrt`` extra and a CUDA GPU). An
+    unavailable back-end is an error, never a silent fallback."""
+    threads: int = Field(default=0, ge=0, le=1024)
+    """CPU threads of torch (and onnxruntime) in this process; 0 = auto: half the usable cores,
+    at least 1 (torch's default, all cores, collapses when other work shares them)."""
+    attention: Literal["sdpa", "xformers", "eager"] = "sdpa"
+    """Attention kernel of every attention layer (self and cross) of the UNet and ControlNet,
+    through our processors (engine/attention.py): ``sdpa`` (torch), ``xformers`` (a CUDA GPU and
+    the extra) or ``eager`` (written-out softmax attention, the reference)."""
 
 
 class SamplerConfig(_Base):
@@ -217,10 +230,19 @@ class ClusterConfig(_Base):
     max_preparing: int = Field(default=2, ge=1, le=1024)
     """Most characters in the prepare stages (refine/LoRA/plate) at once."""
     deterministic_batches: bool = True
-    """Pad every batch to max_batch frames so a frame is bit-identical whatever shares its batch
-    (costs padding compute when fewer characters are ready)."""
+    """Pad batches as ``batch_padding`` says (False = never pad)."""
+    batch_padding: Literal["none", "bucket", "max"] = "bucket"
+    """How a Sampler batch is padded (engine/batching.py, padded_rows): ``bucket`` pads to the next
+    of 1, 2, 4, 8, … rows (at most 2x compute; a frame is bit-identical whenever its batches fall
+    in the same buckets), ``max`` pads every batch to max_batch frames (bit-identical whatever
+    shares its batch, up to max_batch x the compute of a lone character), ``none`` never pads."""
     max_restarts: int = Field(default=3, ge=0, le=1000)
-    """Restarts of a dead actor before its work fails."""
+    """Restarts of a dead actor by Ray (a permanently dead actor is replaced by a new one)."""
+    max_attempts: int = Field(default=3, ge=1, le=100)
+    """Tries of one unit of work (a render's prepare stages, or one frame) after infrastructure
+    faults (worker died, node lost, out of memory) before the render fails."""
+    max_queued: int = Field(default=1000, ge=1, le=1_000_000)
+    """Most unfinished renders the engine core holds; a submission past it is refused."""
 
 
 class RenderConfig(_Base):
@@ -231,7 +253,12 @@ class RenderConfig(_Base):
     negative_prompt: str = DEFAULT_NEGATIVE
     """Negative prompt for classifier-free guidance."""
     poses: Path | None = None
-    """Pose sequence: poses.json, OpenPose JSON (file or folder), or a pose-map video/GIF/folder."""
+    """Pose sequence: poses.json, OpenPose JSON (file or folder), a pose-map video/GIF/folder, or a
+    driving RGB video/GIF/image folder of a person (poses extracted with MediaPipe Pose)."""
+    pose_kind: Literal["auto", "skeleton", "rgb"] = "auto"
+    """For a video/GIF/image ``poses``: auto (detect), skeleton (rendered pose maps) or rgb."""
+    pose_extraction: PoseExtractConfig = Field(default_factory=PoseExtractConfig)
+    """How poses are extracted from a driving RGB video (smoothing, gaps without a person)."""
     plate: Path | None = None
     """Optional background plate image; used when ``alignment.background`` is on."""
     masks: Path | None = None
@@ -261,7 +288,7 @@ class RenderConfig(_Base):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RenderConfig:
-        if self.model.preset != "sd15" and self.model.dtype != "float32":
+        if self.model.preset in ("tiny", "small") and self.model.dtype != "float32":
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
                 "the random-weight presets run in float32; use model.dtype=float32"

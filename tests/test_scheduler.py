@@ -1,6 +1,6 @@
 """ChainScheduler on CPU with fake runners: no weights, no Ray, no threads, no sleeping.
 
-A small synchronous reference driver (:func:`drive`) plays the role of ``actors.driver``: each
+A small synchronous reference driver (:func:`drive`) plays the role of the engine core: each
 step it completes the prepares started the step before, starts new ones, takes one batch, runs it
 on a :class:`FakeSampler` and reports the results back. Every batch is checked against the chain
 invariants as it is handed out.
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from actors.scheduler import ChainScheduler, FrameRequest, Progress, Stage, UnknownRenderError
+from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage, UnknownRenderError
 
 Specs = dict[str, dict[str, Any]]  # render_id → ChainScheduler.add() keyword arguments
 
@@ -457,7 +457,7 @@ def test_queries_follow_the_states() -> None:
 
 
 def test_scheduler_is_pure_python() -> None:
-    source = Path(__file__).resolve().parents[1] / "actors" / "scheduler.py"
+    source = Path(__file__).resolve().parents[1] / "engine" / "core" / "scheduler.py"
     imported: set[str] = set()
     for node in ast.walk(ast.parse(source.read_text())):
         if isinstance(node, ast.Import):

@@ -11,8 +11,8 @@ highest priority, then least recently served (no render starves), then submissio
 filled from that group in the same order, up to ``max_batch`` frames.
 
 This module is the scheduler of the vLLM-style loop ``schedule → execute → update``: it owns no
-workers, imports neither Ray nor torch, and is tested on CPU with fake runners. The driver
-(:mod:`actors.driver`) calls :meth:`ChainScheduler.next_prepares` / :meth:`~ChainScheduler.next_batch`,
+workers, imports neither Ray nor torch, and is tested on CPU with fake runners. The engine core
+(:mod:`engine.core.core`) calls :meth:`ChainScheduler.next_prepares` / :meth:`~ChainScheduler.next_batch`,
 runs the work, and reports back with :meth:`~ChainScheduler.prepared`,
 :meth:`~ChainScheduler.frame_done`, :meth:`~ChainScheduler.requeue` and friends.
 """
@@ -193,6 +193,13 @@ class ChainScheduler:
         render.stage, render.flight = Stage.CANCELLED, None
         self._emit(render)
 
+    def forget(self, render_id: str) -> None:
+        """Drop a render that ended (DONE, FAILED or CANCELLED) so its id can be added again."""
+        render = self._get(render_id)
+        if not render.stage.final:
+            raise ValueError(f"forget({render_id!r}): render is {render.stage.value}, not final")
+        del self._renders[render_id]
+
     # -- prepare stages ---------------------------------------------------------------------
 
     def next_prepares(self) -> list[str]:
@@ -357,6 +364,10 @@ class ChainScheduler:
         flights = [(r.flight, r.render_id) for r in self._renders.values() if r.flight]
         flights.sort(key=lambda fr: (fr[0].batch, fr[0].slot))
         return [FrameRequest(render_id, flight.index) for flight, render_id in flights]
+
+    def known(self) -> list[str]:
+        """Ids of every render added (and not forgotten), in submission order."""
+        return list(self._renders)
 
     def active(self) -> list[str]:
         """Ids of the renders PREPARING or RENDERING, in submission order."""

@@ -1,0 +1,286 @@
+"""The Ray executor of the engine core: resident model actors on a Ray cluster.
+
+Prepare stages run as chained actor calls (Refiner → AppearanceTrainer → BackgroundWorker; the
+object store carries the refined prompt, adapter and plate along), so while the Samplers render
+frames of A and B the trainer works on C and the background worker on D. Actors are created on
+first need and live as long as the executor (a finished manifest re-run starts none).
+
+Faults: a worker that raises gives the error's own kind (input or infrastructure); a dead actor
+(killed, node lost, constructor failed) is an infrastructure fault — its in-flight work comes back
+as failed, and a liveness probe replaces the actor by a new one once Ray has given up restarting
+it. The engine core retries infrastructure faults up to ``cluster.max_attempts``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.exceptions import RayActorError, RayError, RayTaskError
+
+from actors.workers import AppearanceTrainer, BackgroundWorker, Refiner, Sampler
+from engine.config import RenderConfig
+from engine.core.executor import (
+    BatchDone,
+    BatchFailed,
+    Executor,
+    Outcome,
+    Prepared,
+    PrepareFailed,
+    PrepareJob,
+    StageStarted,
+)
+from engine.core.faults import Kind, classify, describe
+from engine.core.work import FrameWork, SessionSpec
+
+log = logging.getLogger(__name__)
+
+
+def ray_fault(error: BaseException) -> tuple[str, Kind]:
+    """(one-line reason, kind) of an exception raised by ``ray.get``."""
+    if isinstance(error, RayTaskError) and not isinstance(error, RayActorError):
+        cause = error.cause if isinstance(error.cause, BaseException) else None
+        if cause is not None:
+            return describe(cause), classify(cause)
+    if isinstance(error, RayActorError):
+        lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+        raised = [ln for ln in lines if "Error:" in ln and not ln.startswith("ray.")]
+        detail = raised[-1] if raised else (lines[0] if lines else type(error).__name__)
+        return f"worker died: {detail}", "infra"
+    if isinstance(error, RayError):
+        return f"{type(error).__name__}: {describe(error)}", "infra"
+    return describe(error), classify(error)
+
+
+@dataclass
+class _Pool:
+    """Actors of one kind; a slot's actor is replaced when it is found dead for good."""
+
+    make: Any
+    count: int
+    actors: list[Any] = field(default_factory=list)
+    turn: int = 0
+
+    def ensure(self) -> None:
+        while len(self.actors) < self.count:
+            self.actors.append(self.make())
+
+    def next(self) -> tuple[Any, int]:
+        """(actor, slot), round robin."""
+        self.ensure()
+        self.turn += 1
+        slot = self.turn % len(self.actors)
+        return self.actors[slot], slot
+
+
+@dataclass
+class _Prep:
+    job: PrepareJob
+    refs: dict[str, Any]
+    """stage name → ObjectRef, in pipeline order (refined, adapter, plate)."""
+    actors: list[tuple[_Pool, int]] = field(default_factory=list)
+    """The (pool, slot) of each actor working on it (probed when one dies)."""
+    started: float = field(default_factory=time.perf_counter)
+    announced: set[str] = field(default_factory=set)
+
+
+class RayExecutor(Executor):
+    """Resident model actors on the connected Ray cluster (``ray.init`` first).
+
+    Args:
+        config: Engine settings; ``cluster`` gives actor counts, GPU shares, restarts, batch size.
+    """
+
+    name = "ray"
+
+    def __init__(self, config: RenderConfig):
+        c = config.cluster
+        model = config.model.model_dump(mode="json")
+        # num_cpus=0: placement by GPUs only (a CPU-only test cluster has 2 cores for 4+ actors).
+        opts = {"max_restarts": c.max_restarts, "max_task_retries": 0, "num_cpus": 0}
+        self.refiners = _Pool(lambda: Refiner.options(**opts).remote(), 1)  # type: ignore[attr-defined]
+        self.trainers = _Pool(
+            lambda: AppearanceTrainer.options(num_gpus=c.trainer_gpus, **opts).remote(model),  # type: ignore[attr-defined]
+            c.trainers,
+        )
+        self.backgrounds = _Pool(
+            lambda: BackgroundWorker.options(num_gpus=c.background_gpus, **opts).remote(model),  # type: ignore[attr-defined]
+            c.backgrounds,
+        )
+        self.samplers = _Pool(
+            lambda: Sampler.options(num_gpus=c.sampler_gpus, **opts).remote(  # type: ignore[attr-defined]
+                model, c.max_batch, c.deterministic_batches
+            ),
+            c.samplers,
+        )
+        self._preps: dict[str, _Prep] = {}
+        self._specs: dict[str, Any] = {}
+        self._busy: dict[Any, tuple[int, int, float]] = {}  # ref → (sampler, batch, start)
+        self._probes: dict[Any, tuple[_Pool, int]] = {}
+        self._probing: set[tuple[int, int]] = set()
+        self._events: list[Outcome] = []
+        self._memory: dict[str, Any] = {"peak_rss_mb": 0.0, "sessions_bytes": {}}
+        self.stats: dict[str, Any] = {"actor_failures": 0, "replaced_actors": 0}
+
+    # -- prepare ------------------------------------------------------------------------------
+
+    def prepare(self, job: PrepareJob) -> None:
+        self.samplers.ensure()  # warm the Samplers while the first characters prepare
+        cfg = job.config.model_dump(mode="json")
+        refs: dict[str, Any] = {}
+        used: list[tuple[_Pool, int]] = []
+        if job.refined:
+            refs["refining"] = ray.put(job.refined)
+        else:
+            refiner, slot = self.refiners.next()
+            refs["refining"] = refiner.refine.remote(cfg)
+            used.append((self.refiners, slot))
+        adapter: Any = job.adapter
+        if job.needs_adapter:
+            trainer, slot = self.trainers.next()
+            adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"])
+            used.append((self.trainers, slot))
+        if job.needs_plate:
+            worker, slot = self.backgrounds.next()
+            refs["background"] = worker.plate.remote(cfg, refs["refining"], job.keypoints0, adapter)
+            used.append((self.backgrounds, slot))
+        self._preps[job.render_id] = _Prep(job, refs, used)
+        self._announce(job.render_id)
+
+    def _announce(self, render_id: str) -> None:
+        """StageStarted for the first stage of the render not finished yet."""
+        prep = self._preps[render_id]
+        for stage, ref in prep.refs.items():
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                if stage not in prep.announced:
+                    prep.announced.add(stage)
+                    self._events.append(StageStarted(render_id, stage))
+                return
+
+    def _collect_prep(self, render_id: str) -> None:
+        prep = self._preps[render_id]
+        pending = [r for r in prep.refs.values() if not ray.wait([r], timeout=0)[0]]
+        if pending:
+            self._announce(render_id)
+            return
+        del self._preps[render_id]
+        try:
+            got = {stage: ray.get(ref, timeout=600) for stage, ref in prep.refs.items()}
+        except Exception as e:
+            reason, kind = ray_fault(e)
+            if isinstance(e, RayActorError):
+                for pool, slot in prep.actors:
+                    if (id(pool), slot) not in self._probing:
+                        self._probe(pool, slot)
+            self._events.append(PrepareFailed(render_id, reason, kind))
+            return
+        seconds = {"prepare": time.perf_counter() - prep.started}
+        adapter = got.get("training", prep.job.adapter)
+        plate = got.get("background", prep.job.plate)
+        self._events.append(Prepared(render_id, got["refining"], adapter, plate, seconds))
+
+    # -- frames -------------------------------------------------------------------------------
+
+    def open(self, render_id: str, spec: SessionSpec) -> None:
+        self._specs[render_id] = ray.put(spec)
+
+    def _free(self) -> list[int]:
+        self.samplers.ensure()
+        busy = {s for s, _, _ in self._busy.values()} | {
+            i for p, i in self._probing if p == id(self.samplers)
+        }
+        return [i for i in range(len(self.samplers.actors)) if i not in busy]
+
+    def free_slots(self) -> int:
+        return len(self._free())
+
+    def execute(self, batch_id: int, work: list[FrameWork]) -> None:
+        slot = self._free()[0]
+        specs = {w.render_id: [self._specs[w.render_id]] for w in work}
+        ref = self.samplers.actors[slot].denoise.remote(work, specs)
+        self._busy[ref] = (slot, batch_id, time.perf_counter())
+
+    # -- poll ---------------------------------------------------------------------------------
+
+    def poll(self, timeout: float) -> list[Outcome]:
+        refs = list(self._busy) + list(self._probes)
+        owners = {}
+        for render_id, prep in self._preps.items():
+            for ref in prep.refs.values():
+                refs.append(ref)
+                owners[ref] = render_id
+        if refs and not self._events:
+            ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0) if ready else (ready, None)
+        elif refs:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        else:
+            time.sleep(min(timeout, 0.05))
+            ready = []
+        for ref in ready:
+            if ref in self._busy:
+                self._collect_batch(ref)
+            elif ref in self._probes:
+                self._collect_probe(ref)
+            elif owners.get(ref) in self._preps:
+                self._collect_prep(owners[ref])
+        events, self._events = self._events, []
+        return events
+
+    def _collect_batch(self, ref: Any) -> None:
+        slot, batch_id, start = self._busy.pop(ref)
+        try:
+            outcomes, peak, sessions = ray.get(ref, timeout=600)
+        except Exception as e:
+            reason, kind = ray_fault(e)
+            log.warning("sampler %d: batch %d failed: %s", slot, batch_id, reason)
+            if isinstance(e, RayActorError):
+                self._probe(self.samplers, slot)
+            self._events.append(BatchFailed(batch_id, reason, kind))
+            return
+        self._memory["peak_rss_mb"] = max(self._memory["peak_rss_mb"], peak)
+        self._memory["sessions_bytes"].update(sessions)
+        seconds = time.perf_counter() - start
+        self._events.append(BatchDone(batch_id, outcomes, seconds, peak))
+
+    def _probe(self, pool: _Pool, slot: int) -> None:
+        """Ask a failed actor for its pid: it answers once Ray restarted it; if it is dead for
+        good the probe fails and the slot gets a new actor."""
+        self.stats["actor_failures"] += 1
+        self._probing.add((id(pool), slot))
+        self._probes[pool.actors[slot].pid.remote()] = (pool, slot)
+
+    def _collect_probe(self, ref: Any) -> None:
+        pool, slot = self._probes.pop(ref)
+        self._probing.discard((id(pool), slot))
+        try:
+            ray.get(ref, timeout=60)
+        except RayError as e:
+            log.warning("actor slot %d is dead for good (%s); starting a new one", slot, e)
+            self.stats["replaced_actors"] += 1
+            pool.actors[slot] = pool.make()
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def release(self, render_id: str) -> None:
+        self._preps.pop(render_id, None)
+        if self._specs.pop(render_id, None) is not None:
+            for actor in self.samplers.actors:
+                actor.close.remote(render_id)
+        self._memory["sessions_bytes"].pop(render_id, None)
+
+    def memory(self) -> dict[str, Any]:
+        return {
+            "peak_rss_mb": self._memory["peak_rss_mb"],
+            "sessions_bytes": dict(self._memory["sessions_bytes"]),
+        }
+
+    def close(self) -> None:
+        for pool in (self.refiners, self.trainers, self.backgrounds, self.samplers):
+            for actor in pool.actors:
+                ray.kill(actor)
+            pool.actors.clear()

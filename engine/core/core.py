@@ -1,0 +1,479 @@
+"""The engine core: one render loop behind every front end (CLI, batch job, Serve, benchmarks).
+
+vLLM v1's split: the core owns a :class:`ChainScheduler` (pure logic), an :class:`Executor`
+(in-process or Ray) and a :class:`RenderStore` (SQLite + folders). One :meth:`EngineCore.step`
+is schedule → execute → update:
+
+1. schedule: admit loaded renders; start prepare stages; hand ready frames of many renders to
+   the executor as batches;
+2. execute: wait for what finished (:meth:`Executor.poll`);
+3. update: persist frames and latents, advance the scheduler, record state and progress events,
+   and hand finished renders to the finisher (video, contact sheet, manifest, metrics).
+
+Submissions and cancellations come from any thread while another thread steps (continuous
+admission: a new render joins the next batches of the running ones). Input faults fail their
+render at once; infrastructure faults are retried up to ``cluster.max_attempts``; nothing ends
+the core or another render (see :mod:`engine.core.faults`). A new core on the same storage root
+resumes every unfinished render from its last persisted frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from engine.config import RenderConfig
+from engine.core.executor import (
+    BatchDone,
+    BatchFailed,
+    Executor,
+    Outcome,
+    PrepareFailed,
+    StageStarted,
+)
+from engine.core.faults import classify, describe
+from engine.core.live import LiveRender, finalize, load_render, save_prepared
+from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
+from engine.core.store import FINAL_STATES, RenderRecord, RenderStore, check_id, new_id
+
+log = logging.getLogger(__name__)
+
+_STATE = {
+    Stage.QUEUED: "queued",
+    Stage.PREPARING: "refining",
+    Stage.RENDERING: "rendering",
+    Stage.DONE: "encoding",
+    Stage.FAILED: "failed",
+    Stage.CANCELLED: "cancelled",
+}
+
+
+class ConflictError(ValueError):
+    """A client-chosen id already names a render with a different spec."""
+
+
+class QueueFullError(RuntimeError):
+    """The core holds ``cluster.max_queued`` unfinished renders; try again later."""
+
+
+class UnknownRenderError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class EngineCore:
+    """Owns a scheduler, an executor and a store; thread-safe.
+
+    Args:
+        config: Engine settings shared by every render (``model`` and ``cluster`` sections).
+        store: The durable store (its unfinished renders are resumed now).
+        executor: Runs prepare stages and frame batches.
+        on_event: Called (on the stepping thread) with every progress event dict.
+        resume: Resume the store's unfinished renders.
+    """
+
+    def __init__(
+        self,
+        config: RenderConfig,
+        store: RenderStore,
+        executor: Executor,
+        *,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        resume: bool = True,
+    ):
+        c = config.cluster
+        self.config = config
+        self.store = store
+        self.executor = executor
+        self.on_event = on_event
+        self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
+        self._lock = threading.RLock()
+        self._live: dict[str, LiveRender] = {}
+        self._loading: set[str] = set()
+        self._finishing: set[str] = set()
+        self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
+        self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
+        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        self._inflight: dict[int, list[FrameRequest]] = {}
+        self._batch_serial = 0
+        self._waiting_since: float | None = None
+        self.stats: dict[str, Any] = {"batch_sizes": [], "batches": [], "retries": 0}
+        self._closed = False
+        if resume:
+            for record in store.unfinished():
+                log.info("resuming render %s (%s)", record.id, record.state)
+                self._admit(record.id, RenderConfig.model_validate(record.spec))
+
+    # -- front-end API (any thread) -----------------------------------------------------------
+
+    def submit(
+        self,
+        spec: RenderConfig,
+        *,
+        id: str | None = None,
+        priority: int = 0,
+        owner: str = "",
+        retry: bool = False,
+    ) -> str:
+        """Queue a render; returns its id.
+
+        With a client-chosen ``id`` the call is idempotent: the same spec returns the existing
+        render (re-queued when ``retry`` and it FAILED or was CANCELLED), another spec raises
+        :class:`ConflictError`. Raises :class:`ConfigError` for a spec without prompt or poses
+        or an invalid id, :class:`QueueFullError` past ``cluster.max_queued`` unfinished renders.
+        """
+        spec.require_spec()
+        data = spec.model_dump(mode="json")
+        with self._lock:
+            if id is not None:
+                check_id(id)
+                record = self.store.get(id)
+                if record is not None:
+                    if record.spec != data or record.owner != owner:
+                        raise ConflictError(
+                            f"render {id!r} exists with a different spec; choose another id"
+                        )
+                    if retry and record.state in ("failed", "cancelled"):
+                        self.store.update(id, state="queued", error=None, attempts=0)
+                        self._event(id, {"type": "state", "state": "queued"})
+                        self._admit(id, spec)
+                    return id
+            else:
+                id = new_id()
+            limit = self.config.cluster.max_queued
+            if (
+                self.store.count(tuple(s for s in _STATE.values() if s not in FINAL_STATES))
+                >= limit
+            ):
+                raise QueueFullError(f"{limit} renders are queued or running; retry later")
+            self.store.create(id, data, priority=priority, owner=owner)
+            self._event(id, {"type": "state", "state": "queued"})
+            self._admit(id, spec)
+        return id
+
+    def cancel(self, render_id: str) -> RenderRecord:
+        """Cancel a queued or running render (a no-op for finished ones); frees its slots."""
+        with self._lock:
+            record = self.get(render_id)
+            if record.final:
+                return record
+            if render_id in self._live and not self.scheduler.status(render_id).stage.final:
+                self.scheduler.cancel(render_id)
+                self._drain_scheduler()
+            else:  # still loading or finishing: the result is dropped when it arrives
+                self._end(render_id, "cancelled")
+            return self.get(render_id)
+
+    def get(self, render_id: str) -> RenderRecord:
+        record = self.store.get(render_id)
+        if record is None:
+            raise UnknownRenderError(f"unknown render {render_id!r}")
+        return record
+
+    def list(self, **filters: Any) -> list[RenderRecord]:
+        return self.store.list(**filters)
+
+    def events(self, render_id: str, after: int | None = None) -> list[dict[str, Any]]:
+        """The render's progress events after sequence number ``after`` (replayable)."""
+        self.get(render_id)
+        return self.store.events(render_id, after)
+
+    def folder(self, render_id: str) -> Any:
+        return self.store.folder(render_id)
+
+    @property
+    def idle(self) -> bool:
+        with self._lock:
+            return not (self._loading or self._finishing or self._inflight) and not any(
+                not self.scheduler.status(r).stage.final for r in self._live
+            )
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def step(self, timeout: float = 0.5) -> None:
+        """One schedule → execute → update round; waits up to ``timeout`` for work to finish."""
+        with self._lock:
+            self._take_loaded()
+            self._take_finished()
+            self._schedule()
+            busy = bool(self._inflight)
+        outcomes = self.executor.poll(0.02 if self._waiting_since else timeout if busy else 0.05)
+        with self._lock:
+            for outcome in outcomes:
+                self._update(outcome)
+            self._drain_scheduler()
+
+    def run_until_idle(self, timeout_s: float = 3600.0) -> None:
+        """Step until every render has ended; ``TimeoutError`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while not self.idle:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"renders not finished after {timeout_s:.0f} s")
+            self.step()
+        with self._lock:
+            self._take_finished()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._loader.shutdown(wait=True, cancel_futures=True)
+        self._finisher.shutdown(wait=True)
+        self.executor.close()
+        self.store.close()
+
+    # -- schedule -----------------------------------------------------------------------------
+
+    def _admit(self, render_id: str, config: RenderConfig) -> None:
+        self._loading.add(render_id)
+        store, model = self.store, self.config.model
+
+        def load() -> None:
+            try:
+                self._loaded.put((render_id, load_render(store, render_id, config, model)))
+            except BaseException as e:
+                self._loaded.put((render_id, e))
+
+        self._loader.submit(load)
+
+    def _take_loaded(self) -> None:
+        while True:
+            try:
+                render_id, live = self._loaded.get_nowait()
+            except queue.Empty:
+                return
+            self._loading.discard(render_id)
+            record = self.store.get(render_id)
+            if record is None or record.final:  # cancelled while loading
+                if isinstance(live, LiveRender):
+                    self.store.unlock(render_id)
+                continue
+            if isinstance(live, BaseException):
+                self._fail_now(render_id, f"inputs: {describe(live)}", classify(live))
+                continue
+            self._live[render_id] = live
+            self.store.update(
+                render_id,
+                fingerprint=live.key,
+                frames_total=live.frames,
+                frames_done=live.start,
+            )
+            if live.start == live.frames:  # every frame persisted: only the outputs are missing
+                self._finish(live)
+                continue
+            if render_id in self.scheduler.known():  # re-queued after it ended
+                self.scheduler.forget(render_id)
+            self.scheduler.add(
+                render_id,
+                frames_total=live.frames,
+                signature=live.signature,
+                priority=record.priority,
+                frames_done=live.start,
+            )
+
+    def _schedule(self) -> None:
+        for render_id in self.scheduler.next_prepares():
+            self.executor.prepare(self._live[render_id].prepare_job())
+        while self.executor.free_slots() > 0:
+            batch = self.scheduler.next_batch()
+            if not batch:
+                return
+            if self._hold(batch):
+                self.scheduler.requeue(batch)
+                return
+            self._waiting_since = None
+            self._batch_serial += 1
+            self._inflight[self._batch_serial] = batch
+            self.stats["batch_sizes"].append(len(batch))
+            self.stats["batches"].append([(r.render_id, r.index) for r in batch])
+            work = [self._live[r.render_id].work(r.index) for r in batch]
+            self.executor.execute(self._batch_serial, work)
+
+    def _hold(self, batch: list[FrameRequest]) -> bool:
+        """Wait window: hold back a part-full batch while renders are still preparing (they
+        would otherwise join one frame later, unbatched), at most ``cluster.batch_wait_s``."""
+        c = self.config.cluster
+        preparing = any(
+            self.scheduler.status(r).stage is Stage.PREPARING for r in self.scheduler.active()
+        )
+        if len(batch) >= c.max_batch or not preparing or c.batch_wait_s <= 0:
+            return False
+        now = time.monotonic()
+        if self._waiting_since is None:
+            self._waiting_since = now
+        return now - self._waiting_since < c.batch_wait_s
+
+    # -- update -------------------------------------------------------------------------------
+
+    def _update(self, outcome: Outcome) -> None:
+        if isinstance(outcome, BatchDone | BatchFailed):
+            batch = self._inflight.pop(outcome.batch_id, [])
+            if isinstance(outcome, BatchFailed):
+                self._batch_failed(batch, outcome)
+            else:
+                self._batch_done(batch, outcome)
+            return
+        live = self._live.get(outcome.render_id)
+        if live is None or self.scheduler.status(live.id).stage is not Stage.PREPARING:
+            return  # cancelled or failed meanwhile
+        if isinstance(outcome, StageStarted):
+            self.store.update(live.id, state=outcome.stage)
+            self._event(live.id, {"type": "state", "state": outcome.stage})
+        elif isinstance(outcome, PrepareFailed):
+            self._retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
+        else:
+            try:
+                spec = save_prepared(live, outcome)
+            except Exception as e:
+                self._retry_or_fail(live.id, f"saving the prepare stages: {describe(e)}",
+                                    classify(e), prepare=True)  # fmt: skip
+                return
+            self.executor.open(live.id, spec)
+            live.attempts = 0
+            self.scheduler.prepared(live.id)
+
+    def _batch_done(self, batch: list[FrameRequest], done: BatchDone) -> None:
+        live_peak = done.peak_rss_mb
+        per_frame = done.seconds
+        for outcome in done.outcomes:
+            live = self._live.get(outcome.render_id)
+            if live is None or self.scheduler.status(live.id).stage is not Stage.RENDERING:
+                continue
+            live.peak_rss_mb = max(live.peak_rss_mb, live_peak)
+            if outcome.error is not None:
+                request = FrameRequest(outcome.render_id, outcome.index)
+                self._retry_or_fail(live.id, outcome.error, outcome.kind or "infra", [request])
+                continue
+            try:
+                live.store_frame(outcome)
+            except Exception as e:
+                self._retry_or_fail(live.id, f"saving frame {outcome.index}: {describe(e)}",
+                                    classify(e), [FrameRequest(live.id, outcome.index)])  # fmt: skip
+                continue
+            live.attempts = 0
+            self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
+
+    def _batch_failed(self, batch: list[FrameRequest], failed: BatchFailed) -> None:
+        log.warning("batch of %d frames failed: %s", len(batch), failed.error)
+        self.stats["retries"] += 1
+        for request in batch:
+            if request.render_id in self._live:
+                self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
+
+    def _retry_or_fail(
+        self,
+        render_id: str,
+        error: str,
+        kind: str,
+        requests: list[FrameRequest] | None = None,
+        *,
+        prepare: bool = False,
+    ) -> None:
+        """An infra fault is retried up to ``cluster.max_attempts``; an input fault fails now."""
+        live = self._live[render_id]
+        if self.scheduler.status(render_id).stage.final:
+            return
+        live.attempts += 1
+        self.store.update(render_id, attempts=live.attempts)
+        limit = self.config.cluster.max_attempts
+        if kind == "infra" and live.attempts < limit:
+            log.warning("render %s: %s (attempt %d of %d, retrying)", render_id, error,
+                        live.attempts, limit)  # fmt: skip
+            self._event(render_id, {"type": "retry", "error": error, "attempt": live.attempts})
+            if prepare:
+                self.scheduler.requeue_prepare(render_id)
+            else:
+                self.scheduler.requeue(
+                    [r for r in requests or [] if r in self.scheduler.in_flight()]
+                )
+            return
+        if kind == "infra":
+            error = f"{error} (failed {live.attempts} attempts)"
+        live.error_kind = kind
+        self.scheduler.fail(render_id, error)
+
+    def _drain_scheduler(self) -> None:
+        for progress in self.scheduler.events():
+            self._progress(progress)
+
+    def _progress(self, p: Progress) -> None:
+        live = self._live.get(p.render_id)
+        state = _STATE[p.stage]
+        fields: dict[str, Any] = {"frames_done": p.frames_done, "eta_s": p.eta_s}
+        if p.stage is Stage.RENDERING and p.frames_done > (live.start if live else 0):
+            self.store.update(p.render_id, **fields)
+            event = {"type": "frame", "frame": p.frames_done - 1, **fields}
+            self._event(p.render_id, {**event, "frames_total": p.frames_total})
+            return
+        self.store.update(p.render_id, state=state, **fields)
+        self._event(p.render_id, {"type": "state", "state": state, **fields})
+        if p.stage is Stage.DONE and live is not None:
+            self._finish(live)
+        elif p.stage in (Stage.FAILED, Stage.CANCELLED):
+            if p.stage is Stage.FAILED:
+                kind = live.error_kind if live else "infra"
+                self.store.update(p.render_id, error=p.error, error_kind=kind)
+                self._event(p.render_id, {"type": "error", "error": p.error, "kind": kind})
+            self._release(p.render_id)
+
+    def _finish(self, live: LiveRender) -> None:
+        """Encode the outputs of a render whose frames are all persisted (finisher thread)."""
+        self._finishing.add(live.id)
+        if self.store.get(live.id).state != "encoding":  # type: ignore[union-attr]
+            self.store.update(live.id, state="encoding", frames_done=live.frames)
+            self._event(live.id, {"type": "state", "state": "encoding"})
+        memory = self.executor.memory()
+
+        def run() -> None:
+            try:
+                finalize(live, executor=self.executor.name, memory=memory)
+                self._finished.put((live.id, None))
+            except BaseException as e:
+                self._finished.put((live.id, e))
+
+        self._finisher.submit(run)
+
+    def _take_finished(self) -> None:
+        while True:
+            try:
+                render_id, error = self._finished.get_nowait()
+            except queue.Empty:
+                return
+            self._finishing.discard(render_id)
+            if self.store.get(render_id).final:  # type: ignore[union-attr]
+                continue  # cancelled while encoding
+            if error is None:
+                self._end(render_id, "done")
+            else:
+                self._fail_now(render_id, f"outputs: {describe(error)}", classify(error))
+
+    def _fail_now(self, render_id: str, error: str, kind: str) -> None:
+        log.warning("render %s failed: %s", render_id, error)
+        self.store.update(render_id, error=error, error_kind=kind)
+        self._event(render_id, {"type": "error", "error": error, "kind": kind})
+        self._end(render_id, "failed")
+
+    def _end(self, render_id: str, state: str) -> None:
+        self.store.update(render_id, state=state, eta_s=0.0 if state == "done" else None)
+        self._event(render_id, {"type": "state", "state": state})
+        self._release(render_id)
+
+    def _release(self, render_id: str) -> None:
+        live = self._live.get(render_id)
+        if live is not None:
+            live.latents.clear()
+        self.executor.release(render_id)
+        if render_id not in self._finishing and render_id not in self._loading:
+            self.store.unlock(render_id)
+
+    def _event(self, render_id: str, data: dict[str, Any]) -> None:
+        data = {"render_id": render_id, "time": round(time.time(), 3), **data}
+        data["seq"] = self.store.add_event(render_id, data)
+        if self.on_event is not None:
+            self.on_event(data)

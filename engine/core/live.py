@@ -1,0 +1,271 @@
+"""One admitted render inside the engine core: its inputs, resume point, prepared artefacts and
+chain state (the clean latents of frames 0 and t-1 only), and how its outputs are finalized.
+
+On a resumed render everything that determines the frames is reused from the render folder —
+the refined prompt (never re-queried), the adapter, the plate — and checked against the digests
+recorded when it was made, so a resume can never drift.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.config import ConfigError, ModelConfig, RenderConfig
+from engine.core.executor import Prepared, PrepareJob
+from engine.core.faults import InputsChangedError
+from engine.core.outputs import (
+    check_inputs,
+    encode_video,
+    fingerprint,
+    frames_persisted,
+    input_hashes,
+    load_latent,
+    open_folder,
+    save_frame,
+    write_contact_sheet,
+    write_manifest,
+)
+from engine.core.store import RenderStore
+from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
+from engine.files import atomic_json
+from engine.pose import PoseSequence, load_poses, resample, validate
+
+
+@dataclass
+class LiveRender:
+    """Runtime state of one render in the core."""
+
+    id: str
+    config: RenderConfig
+    out: Path
+    poses: PoseSequence
+    key: str
+    start: int
+    model_name: str
+    latents: dict[int, np.ndarray] = field(default_factory=dict)
+    refined: dict[str, Any] | None = None
+    adapter: AdapterPayload | None = None
+    plate: np.ndarray | None = None
+    stages: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    attempts: int = 0
+    error_kind: str | None = None
+    peak_rss_mb: float = 0.0
+    admitted: float = field(default_factory=time.monotonic)
+    rendering_since: float | None = None
+
+    @property
+    def frames(self) -> int:
+        return len(self.poses.keypoints)
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        """Renders with equal signatures may share a batch."""
+        c = self.config
+        return (
+            c.width,
+            c.height,
+            c.sampler.steps,
+            c.alignment.inter_frame,
+            c.chain.kv_include_self,
+        )
+
+    def prepare_job(self) -> PrepareJob:
+        plate = self.plate
+        if plate is None and self.config.alignment.background and self.config.plate is not None:
+            from engine.method import load_plate
+
+            plate = load_plate(self.config.plate, self.config.width, self.config.height)
+        return PrepareJob(
+            self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate
+        )
+
+    def work(self, index: int) -> FrameWork:
+        previous = self.latents.get(index - 1) if index > 0 else None
+        anchor = self.latents.get(0) if index > 0 else None
+        if self.rendering_since is None:
+            self.rendering_since = time.monotonic()
+        return FrameWork(self.id, index, previous, anchor)
+
+    def store_frame(self, outcome: FrameOutcome) -> None:
+        """Persist a finished frame and keep only the latents the chain still needs."""
+        assert outcome.latent is not None and outcome.frame is not None
+        assert outcome.pose_map is not None
+        save_frame(
+            self.out, outcome.index, outcome.frame, outcome.latent, outcome.pose_map, outcome.mask
+        )
+        self.latents[outcome.index] = outcome.latent
+        for old in [i for i in self.latents if i not in (0, outcome.index)]:
+            del self.latents[old]
+
+
+def prepare_poses(config: RenderConfig) -> PoseSequence:
+    """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
+    if config.poses is None:
+        raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
+    seq = load_poses(config.poses, max_frames=config.limits.max_frames)
+    seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
+    validate(seq, max_frames=config.limits.max_frames)
+    return seq
+
+
+def load_render(
+    store: RenderStore, render_id: str, config: RenderConfig, model: ModelConfig
+) -> LiveRender:
+    """Lock the render's folder, load its poses, find its resume point and reuse what it
+    persisted (loader thread). Raises input faults (bad poses, changed inputs)."""
+    from engine.models.registry import model_name
+
+    start_time = time.perf_counter()
+    store.lock(render_id)
+    out = store.folder(render_id)
+    poses = prepare_poses(config)
+    name = model_name(model)
+    hashes = input_hashes(config, poses, name)
+    open_folder(out)
+    start = frames_persisted(out, len(poses.keypoints))
+    check_inputs(out, hashes, start)
+    live = LiveRender(render_id, config, out, poses, fingerprint(hashes), start, name)
+    if start:
+        _reuse_prepared(live)
+        live.latents = {i: load_latent(out, i) for i in {0, start - 1}}
+    live.timings["poses"] = time.perf_counter() - start_time
+    return live
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _reuse_prepared(live: LiveRender) -> None:
+    """Reload the refined prompt, adapter and plate a resumed render was drawn with."""
+    from engine.appearance import read_adapter
+    from engine.video import load_png
+
+    out = live.out
+    record_path = out / "prepared.json"
+    if not record_path.is_file():
+        return  # frames were persisted before this record existed: prepare again
+    record = json.loads(record_path.read_text())
+    refined = json.loads((out / "refined_prompt.json").read_text())
+    checks = {"refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode())}
+    live.refined = refined
+    if record.get("adapter"):
+        weights = read_adapter(out / "adapter")
+        digest = weights.digest()
+        checks["adapter"] = digest
+        name = str(weights.metadata.get("name") or f"appearance_{digest[:12]}")
+        live.adapter = AdapterPayload(name, weights, digest, {"name": name, "reused": True})
+    if record.get("plate"):
+        live.plate = load_png(out / "plate" / "plate.png")
+        checks["plate"] = _digest(np.ascontiguousarray(live.plate).tobytes())
+    changed = [k for k, v in checks.items() if record.get(k) != v]
+    if changed:
+        raise InputsChangedError(
+            f"{out}: {', '.join(changed)} differ from what the persisted frames were drawn with; "
+            "restore them or render into a new folder"
+        )
+    live.stages.update(record.get("stages", {}))
+
+
+def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
+    """Write the prepare stages' artefacts into the render folder (refined_prompt.json,
+    adapter/, plate/, prepared.json with their digests) → the Sampler's session spec."""
+    from engine.appearance import save_adapter
+    from engine.background import PlateResult, plate_record, save_plate_result
+
+    out, config = live.out, live.config
+    reused = live.refined is not None
+    live.timings.update(done.seconds)
+    refined = done.refined
+    atomic_json(out / "refined_prompt.json", refined)
+    live.refined = refined
+    record: dict[str, Any] = {
+        "refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode()),
+        "stages": {"refined_prompt": "refined_prompt.json"},
+    }
+    if done.adapter is not None:
+        adapter = done.adapter
+        if not (out / "adapter").is_dir():
+            save_adapter(adapter.weights, out / "adapter")
+        live.adapter = adapter
+        record["adapter"] = adapter.digest
+        record["stages"]["adapter"] = {**adapter.record, "digest": adapter.digest,
+                                       "files": "adapter/"}  # fmt: skip
+    plate = done.plate
+    if isinstance(plate, PlateResult):
+        files = save_plate_result(plate, out / "plate")
+        entry = {"source": "generated", **plate_record(plate)}
+        entry["files"] = {k: str(Path(v).relative_to(out)) for k, v in files.items()}
+        plate = plate.plate
+    elif plate is not None and live.plate is None:  # a supplied plate: keep a copy
+        from engine.video import save_png
+
+        (out / "plate").mkdir(exist_ok=True)
+        save_png(plate, out / "plate" / "plate.png")
+        entry = {"source": str(config.plate), "files": {"plate": "plate/plate.png"}}
+    else:
+        entry = live.stages.get("plate", {"source": "persisted"})
+    if plate is not None:
+        live.plate = plate
+        record["plate"] = _digest(np.ascontiguousarray(plate).tobytes())
+        record["stages"]["plate"] = entry
+    if not reused or not (out / "prepared.json").is_file():
+        atomic_json(out / "prepared.json", record)
+    live.stages.update(record["stages"])
+    return SessionSpec(
+        config.model_dump(mode="json"),
+        live.poses.keypoints,
+        refined["full"],
+        config.negative_prompt,
+        live.plate if config.alignment.background else None,
+        live.adapter,
+    )
+
+
+def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None:
+    """video.mp4, contact sheet, manifest.json (and metrics) of a render whose frames are all
+    persisted (finisher thread)."""
+    out, config, poses = live.out, live.config, live.poses
+    start = time.perf_counter()
+    encode_video(out, poses, config)
+    if config.output.contact_sheet:
+        write_contact_sheet(out, poses, config.output.contact_sheet_frames)
+    live.timings["outputs"] = time.perf_counter() - start
+    rendered = live.frames - live.start
+    chain_s = None
+    if live.rendering_since is not None and rendered:
+        chain_s = time.monotonic() - live.rendering_since
+        live.timings["chain"] = chain_s
+    if live.refined is None and (out / "refined_prompt.json").is_file():
+        live.refined = json.loads((out / "refined_prompt.json").read_text())
+    stages = {"executor": executor, **live.stages}
+    if memory.get("sessions_bytes"):
+        stages["sampler_session_bytes"] = memory["sessions_bytes"].get(live.id)
+    live.timings["total"] = time.monotonic() - live.admitted
+    write_manifest(
+        out,
+        config,
+        poses,
+        model={"name": live.model_name, "executor": executor, "dtype": config.model.dtype},
+        key=live.key,
+        start=live.start,
+        timings=live.timings,
+        prompt=((live.refined or {}).get("full", ""), config.negative_prompt),
+        stages=stages,
+        peak_rss_mb=max(live.peak_rss_mb, float(memory.get("peak_rss_mb", 0.0))),
+        seconds_per_frame=chain_s / rendered if chain_s is not None and rendered else None,
+    )
+    if config.metrics:  # score the finished render: metrics.json + metrics.png
+        from engine.metrics.report import score_render
+
+        t = time.perf_counter()
+        score_render(out)
+        live.timings["metrics"] = time.perf_counter() - t

@@ -1,0 +1,298 @@
+"""What the executors run: the prepare stages and the batched frame chain of many renders.
+
+Both executors call exactly these functions — :class:`~engine.core.inprocess.InProcessExecutor`
+in this process, the Ray actors (``actors/``) in theirs — so a render's frames do not depend on
+where it ran. Inputs and outputs are plain data (dicts, numpy arrays, :class:`AdapterPayload`,
+:class:`~engine.background.PlateResult`) that pickle through Ray's object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.appearance.train import AdapterWeights
+from engine.batching import REF_SLOTS, BatchDenoiser
+from engine.chain import FrameChain
+from engine.config import ModelConfig, RenderConfig
+from engine.core.faults import NonFiniteOutputError, classify
+from engine.session import CharacterChain
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class AdapterPayload:
+    """A character's appearance LoRA, detached from any model."""
+
+    name: str
+    weights: AdapterWeights
+    digest: str
+    """sha256 of the tensors (:meth:`AdapterWeights.digest`)."""
+    record: dict[str, Any]
+    """Manifest entry (name, cache path, trained or cache hit)."""
+
+
+@dataclass
+class SessionSpec:
+    """Everything a Sampler needs to denoise a render's frames (its per-render constants)."""
+
+    config: dict[str, Any]
+    """The render's RenderConfig as JSON."""
+    keypoints: np.ndarray
+    """(F, 18, 3) float32 poses at the render size."""
+    prompt: str
+    negative: str
+    plate: np.ndarray | None
+    """(H, W, 3) uint8 background plate, or None."""
+    adapter: AdapterPayload | None
+
+
+@dataclass
+class FrameWork:
+    """Frame ``index`` of ``render_id`` with the clean latents of frames t-1 and 0 (or None)."""
+
+    render_id: str
+    index: int
+    previous: np.ndarray | None
+    anchor: np.ndarray | None
+
+
+@dataclass
+class FrameOutcome:
+    """A denoised frame, or the error that failed its render (others in the batch go on)."""
+
+    render_id: str
+    index: int
+    latent: np.ndarray | None = None
+    """(1, 4, h, w) float32 clean latent."""
+    frame: np.ndarray | None = None
+    pose_map: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    error: str | None = None
+    kind: str | None = None
+    """``input`` or ``infra`` when ``error`` is set."""
+
+
+def build_chain(model: ModelConfig | dict[str, Any]) -> FrameChain:
+    """The resident frame-chain models of ``model`` (threads per ``model.threads`` if set)."""
+    from engine.models.registry import build_components
+
+    config = model if isinstance(model, ModelConfig) else ModelConfig.model_validate(model)
+    return FrameChain(build_components(config), config.attention)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+# -- prepare stages ------------------------------------------------------------------------------
+
+
+def refine_stage(config: RenderConfig) -> dict[str, Any]:
+    """The refined prompt (JSON) of a render (cached by the refine backend)."""
+    from engine.method import refine_prompt
+
+    return refine_prompt(config).model_dump(mode="json")
+
+
+def appearance_stage(
+    chain: FrameChain, config: RenderConfig, refined: dict[str, Any]
+) -> AdapterPayload:
+    """Get (train once, then cache) the character's appearance LoRA."""
+    from engine.appearance import get_or_train_adapter
+    from engine.method import cache_root
+    from engine.refine import RefinedPrompt
+
+    adapter = get_or_train_adapter(
+        chain,
+        RefinedPrompt.model_validate(refined),
+        config.appearance,
+        cache_root(config),
+        sampler=config.sampler,
+    )
+    record = {"name": adapter.name, "path": str(adapter.path), "trained": adapter.trained}
+    return AdapterPayload(adapter.name, adapter.weights, adapter.weights.digest(), record)
+
+
+def background_stage(
+    chain: FrameChain,
+    models: dict[str, Any],
+    config: RenderConfig,
+    refined: dict[str, Any],
+    keypoints0: np.ndarray,
+    adapter: AdapterPayload | None,
+) -> Any:
+    """The character's background plate (:class:`~engine.background.PlateResult`), its scene
+    drawn with the character's LoRA. ``models`` caches the SAM / inpainting models per mask
+    source across calls."""
+    from engine.background import build_plate_models, make_plate
+    from engine.refine import RefinedPrompt
+
+    source = config.background.mask_source
+    if source not in models:
+        models[source] = build_plate_models(config, chain.parts)
+    pipe, predictor = models[source]
+    name = ensure_adapter(chain, adapter)
+    return make_plate(
+        chain,
+        pipe,
+        predictor,
+        keypoints0,
+        RefinedPrompt.model_validate(refined),
+        config,
+        seed=config.seed,
+        adapter=name,
+    )
+
+
+def ensure_adapter(chain: FrameChain, adapter: AdapterPayload | None) -> str | None:
+    """Load ``adapter`` onto the chain's UNet (and text encoder) unless it is there; its name."""
+    if adapter is None:
+        return None
+    from engine.appearance import activate, load_adapter, loaded_adapters
+
+    parts = chain.parts
+    if adapter.name not in loaded_adapters(parts.unet):
+        text = parts.text_encoder if adapter.weights.text_encoder is not None else None
+        load_adapter(parts.unet, adapter.weights, adapter.name, text_encoder=text)
+        activate(parts.unet, None, text_encoder=parts.text_encoder)
+    return adapter.name
+
+
+# -- the Sampler -------------------------------------------------------------------------------
+
+
+class SamplerState:
+    """A Sampler's per-render constants and its batched denoise.
+
+    Sessions open lazily from their :class:`SessionSpec` (``spec_of(render_id)``), so a restarted
+    Sampler needs nothing re-sent; adapters are reference-counted and removed from the UNet when
+    no open session uses them.
+    """
+
+    def __init__(self, chain: FrameChain, max_batch: int, pad: str | bool = True):
+        self.chain = chain
+        self.max_batch = max_batch
+        self.pad = pad
+        self.sessions: dict[str, CharacterChain] = {}
+        self._adapters: dict[str, str | None] = {}
+
+    def open(self, render_id: str, spec: SessionSpec) -> CharacterChain:
+        """Build the session of ``render_id`` (prompt embeddings with the character's text LoRA
+        active, plate latent, adapter on the UNet)."""
+        from engine.appearance import activate
+
+        parts = self.chain.parts
+        name = ensure_adapter(self.chain, spec.adapter)
+        activate(parts.unet, name, text_encoder=parts.text_encoder)  # text LoRA for the prompt
+        try:
+            session = CharacterChain(
+                self.chain,
+                RenderConfig.model_validate(spec.config),
+                spec.keypoints,
+                prompt=spec.prompt,
+                negative=spec.negative,
+                plate=spec.plate,
+                adapter=name,
+            )
+        finally:
+            activate(parts.unet, None, text_encoder=parts.text_encoder)
+        self.sessions[render_id] = session
+        self._adapters[render_id] = name
+        return session
+
+    def close(self, render_id: str) -> None:
+        """Free a render's session, and its adapter when no other session uses it."""
+        self.sessions.pop(render_id, None)
+        name = self._adapters.pop(render_id, None)
+        if name is not None and name not in self._adapters.values():
+            from engine.appearance import remove_adapter
+
+            remove_adapter(self.chain.parts.unet, name, text_encoder=self.chain.parts.text_encoder)
+
+    def memory(self) -> dict[str, int]:
+        """Bytes held per open render (embeddings, plate and its latent, cached maps, adapter)."""
+        out = {}
+        for render_id, s in self.sessions.items():
+            n = s.text.numel() * s.text.element_size()
+            if s.plate is not None:
+                n += s.plate.nbytes
+            if s.plate_latent is not None:
+                n += s.plate_latent.numel() * s.plate_latent.element_size()
+            n += sum(a.nbytes for a in s._memo.values())
+            out[render_id] = n
+        return out
+
+    def denoise(
+        self, requests: list[FrameWork], spec_of: Callable[[str], SessionSpec]
+    ) -> list[FrameOutcome]:
+        """Denoise one batch; a render whose inputs fail (bad mask file, adapter that does not
+        fit, non-finite output) gets an error outcome and the others go on. A fault of the
+        batched forward itself (out of memory, …) raises."""
+        outcomes: dict[int, FrameOutcome] = {}
+        jobs, rows = [], []
+        for i, r in enumerate(requests):
+            try:
+                session = self.sessions.get(r.render_id) or self.open(
+                    r.render_id, spec_of(r.render_id)
+                )
+                jobs.append(session.job(r.index, _tensor(r.previous), _tensor(r.anchor)))
+                rows.append(i)
+            except Exception as e:  # this render alone
+                outcomes[i] = _failed(r, e)
+        if jobs:
+            latents = BatchDenoiser(self.chain, pad_rows=self._pad_rows(jobs)).denoise(jobs)
+            for i, latent in zip(rows, latents, strict=True):
+                outcomes[i] = self._finish(requests[i], latent)
+        return [outcomes[i] for i in range(len(requests))]
+
+    def _pad_rows(self, jobs: list[Any]) -> int | None:
+        if not self.pad:
+            return None
+        rows = 2 + (REF_SLOTS if "kv" in jobs[0].settings.inter_frame else 0)
+        return self.max_batch * rows
+
+    def _finish(self, r: FrameWork, latent: torch.Tensor) -> FrameOutcome:
+        try:
+            if not torch.isfinite(latent).all():
+                raise NonFiniteOutputError(f"frame {r.index}: the model produced non-finite values")
+            session = self.sessions[r.render_id]
+            return FrameOutcome(
+                r.render_id,
+                r.index,
+                latent=latent.float().cpu().numpy(),
+                frame=session.finish(r.index, latent),
+                pose_map=session.pose_map(r.index),
+                mask=session.mask(r.index),
+            )
+        except Exception as e:
+            return _failed(r, e)
+
+
+def _failed(r: FrameWork, e: BaseException) -> FrameOutcome:
+    log.warning("render %s frame %d failed: %s", r.render_id, r.index, e)
+    return FrameOutcome(r.render_id, r.index, error=f"{e}", kind=classify(e))
+
+
+def _tensor(array: np.ndarray | None) -> torch.Tensor | None:
+    return None if array is None else torch.from_numpy(np.array(array))  # a writable copy
+
+
+def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
+    """(fn(), seconds)."""
+    start = time.perf_counter()
+    return fn(), time.perf_counter() - start
+
+
+def pid() -> int:
+    return os.getpid()
