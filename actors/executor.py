@@ -34,7 +34,7 @@ from engine.core.executor import (
     StageStarted,
 )
 from engine.core.faults import Kind, classify, describe
-from engine.core.work import FrameWork, SessionSpec
+from engine.core.work import FrameWork, SessionSpec, padding_policy
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,12 @@ class _Pool:
     actors: list[Any] = field(default_factory=list)
     turn: int = 0
 
+    started: int = 0
+
     def ensure(self) -> None:
         while len(self.actors) < self.count:
             self.actors.append(self.make())
+            self.started += 1
 
     def next(self) -> tuple[Any, int]:
         """(actor, slot), round robin."""
@@ -112,7 +115,7 @@ class RayExecutor(Executor):
         )
         self.samplers = _Pool(
             lambda: Sampler.options(num_gpus=c.sampler_gpus, **opts).remote(  # type: ignore[attr-defined]
-                model, c.max_batch, c.deterministic_batches
+                model, c.max_batch, padding_policy(config)
             ),
             c.samplers,
         )
@@ -189,16 +192,16 @@ class RayExecutor(Executor):
         self._specs[render_id] = ray.put(spec)
 
     def _free(self) -> list[int]:
-        self.samplers.ensure()
         busy = {s for s, _, _ in self._busy.values()} | {
             i for p, i in self._probing if p == id(self.samplers)
         }
-        return [i for i in range(len(self.samplers.actors)) if i not in busy]
+        return [i for i in range(self.samplers.count) if i not in busy]
 
     def free_slots(self) -> int:
         return len(self._free())
 
     def execute(self, batch_id: int, work: list[FrameWork]) -> None:
+        self.samplers.ensure()
         slot = self._free()[0]
         specs = {w.render_id: [self._specs[w.render_id]] for w in work}
         ref = self.samplers.actors[slot].denoise.remote(work, specs)
@@ -263,6 +266,7 @@ class RayExecutor(Executor):
             log.warning("actor slot %d is dead for good (%s); starting a new one", slot, e)
             self.stats["replaced_actors"] += 1
             pool.actors[slot] = pool.make()
+            pool.started += 1
 
     # -- lifetime -----------------------------------------------------------------------------
 
@@ -278,6 +282,12 @@ class RayExecutor(Executor):
             "peak_rss_mb": self._memory["peak_rss_mb"],
             "sessions_bytes": dict(self._memory["sessions_bytes"]),
         }
+
+    @property
+    def actors_started(self) -> int:
+        """Actors created so far (replacements included)."""
+        pools = (self.refiners, self.trainers, self.backgrounds, self.samplers)
+        return sum(p.started for p in pools)
 
     def close(self) -> None:
         for pool in (self.refiners, self.trainers, self.backgrounds, self.samplers):

@@ -84,8 +84,8 @@ class Sampler(_Worker):
     (object refs, fetched once), so a restarted Sampler resumes any chain with nothing re-sent.
     """
 
-    def __init__(self, model: dict[str, Any], max_batch: int, pad: Any = True):
-        self.state = SamplerState(build_chain(model), max_batch, pad)
+    def __init__(self, model: dict[str, Any], max_batch: int, padding: str = "bucket"):
+        self.state = SamplerState(build_chain(model), max_batch, padding)
 
     def denoise(
         self, work: list[FrameWork], specs: dict[str, list[Any]]

@@ -115,10 +115,11 @@ def run_batch(manifest_path: Path, root: Path, *, timeout_s: float = 3600.0) -> 
     engine, renders = load_manifest(manifest_path)
     start = time.monotonic()
     summary: dict[str, Any] = {"manifest": str(manifest_path), "renders": {}}
+    executor = RayExecutor(engine)
     core = EngineCore(
         engine,
         RenderStore(root),
-        RayExecutor(engine),
+        executor,
         on_event=lambda e: log.info("%s %s", e["render_id"], _describe(e)),
     )
     submitted: list[str] = []
@@ -144,6 +145,7 @@ def run_batch(manifest_path: Path, root: Path, *, timeout_s: float = 3600.0) -> 
         core.close()
     wall = time.monotonic() - start
     summary.update(
+        actors_started=executor.actors_started,
         wall_s=round(wall, 2),
         frames_rendered=frames_done,
         frames_per_s=round(frames_done / wall, 3) if wall else None,

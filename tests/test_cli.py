@@ -40,7 +40,7 @@ def test_render_example_writes_playable_video(tmp_path: Path):
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["config"]["sampler"]["steps"] == 4
     assert len(manifest["seeds"]) == 16 and len(set(manifest["seeds"])) == 16
-    assert {"poses", "models", "conditioning", "chain", "outputs"} <= set(manifest["timings_s"])
+    assert {"poses", "refine", "chain", "outputs", "total"} <= set(manifest["timings_s"])
     assert len(list((out / "frames").glob("*.png"))) == 16
     assert (out / "contact_sheet.png").is_file()
 

@@ -14,9 +14,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from actors.driver import ClusterRenderer  # noqa: E402
-from actors.scheduler import Stage  # noqa: E402
+from actors.executor import RayExecutor  # noqa: E402
 from engine.config import load_config  # noqa: E402
+from engine.core import EngineCore, RenderStore  # noqa: E402
 from engine.pose import save_poses_json, synthetic_dance  # noqa: E402
 from engine.video import load_png  # noqa: E402
 
@@ -41,6 +41,7 @@ def configs(tmp: Path):
         "alignment.inter_frame=kv+latent",
         "cluster.sampler_gpus=1",  # the Sampler must live on a (fake) GPU node
         "cluster.max_batch=2",
+        "cluster.batch_padding=max",
         f"cache_dir={tmp / 'cache'}",
     ]
     return {
@@ -49,15 +50,18 @@ def configs(tmp: Path):
     }
 
 
-def render(tmp: Path, out: Path, on_frame=None) -> ClusterRenderer:
+def render(tmp: Path, out: Path, on_frame=None) -> tuple[EngineCore, RayExecutor]:
     cfgs = configs(tmp)
-    renderer = ClusterRenderer(
-        next(iter(cfgs.values())), on_event=on_frame and (lambda e: on_frame(renderer, e))
+    first = next(iter(cfgs.values()))
+    executor = RayExecutor(first)
+    core = EngineCore(
+        first, RenderStore(out), executor, on_event=on_frame and (lambda e: on_frame(executor, e))
     )
     for rid, config in cfgs.items():
-        renderer.submit(rid, config, out / rid)
-    assert {s.stage for s in renderer.run(timeout_s=300).values()} == {Stage.DONE}
-    return renderer
+        core.submit(config, id=rid)
+    core.run_until_idle(timeout_s=300)
+    assert {r.state for r in core.list()} == {"done"}
+    return core, executor
 
 
 def frames(out: Path) -> np.ndarray:
@@ -66,19 +70,20 @@ def frames(out: Path) -> np.ndarray:
 
 def test_node_loss_mid_chain(cluster, tmp_path: Path):
     c, gpu_nodes = cluster
-    render(tmp_path, tmp_path / "clean")
+    render(tmp_path, tmp_path / "clean")[0].close()
     removed = []
 
-    def remove_sampler_node(renderer, event):
-        if event.stage is Stage.RENDERING and event.frames_done == 1 and not removed:
-            node_id = ray.get(renderer.samplers[0].node_id.remote(), timeout=60)
+    def remove_sampler_node(executor, event):
+        if event["type"] == "frame" and event["frame"] == 0 and not removed:
+            node_id = ray.get(executor.samplers.actors[0].node_id.remote(), timeout=60)
             node = next(n for n in gpu_nodes if n.node_id == node_id)
             c.remove_node(node)
             removed.append(node_id)
 
-    renderer = render(tmp_path, tmp_path / "faulty", remove_sampler_node)
-    assert removed and renderer.stats["sampler_failures"] >= 1
-    new_node = ray.get(renderer.samplers[0].node_id.remote(), timeout=60)
+    core, executor = render(tmp_path, tmp_path / "faulty", remove_sampler_node)
+    assert removed and executor.stats["actor_failures"] >= 1
+    new_node = ray.get(executor.samplers.actors[0].node_id.remote(), timeout=60)
     assert new_node != removed[0]  # restarted on the surviving GPU node
+    core.close()
     for rid in ("a", "b"):
         assert np.array_equal(frames(tmp_path / "clean" / rid), frames(tmp_path / "faulty" / rid))

@@ -140,8 +140,8 @@ class EngineCore:
                             f"render {id!r} exists with a different spec; choose another id"
                         )
                     if retry and record.state in ("failed", "cancelled"):
-                        self.store.update(id, state="queued", error=None, attempts=0)
-                        self._event(id, {"type": "state", "state": "queued"})
+                        self.store.update(id, error=None, error_kind=None, attempts=0)
+                        self._set_state(id, "queued")
                         self._admit(id, spec)
                     return id
             else:
@@ -202,6 +202,7 @@ class EngineCore:
             self._take_loaded()
             self._take_finished()
             self._schedule()
+            self._drain_scheduler()
             busy = bool(self._inflight)
         outcomes = self.executor.poll(0.02 if self._waiting_since else timeout if busy else 0.05)
         with self._lock:
@@ -323,8 +324,7 @@ class EngineCore:
         if live is None or self.scheduler.status(live.id).stage is not Stage.PREPARING:
             return  # cancelled or failed meanwhile
         if isinstance(outcome, StageStarted):
-            self.store.update(live.id, state=outcome.stage)
-            self._event(live.id, {"type": "state", "state": outcome.stage})
+            self._set_state(live.id, outcome.stage)
         elif isinstance(outcome, PrepareFailed):
             self._retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
         else:
@@ -411,8 +411,10 @@ class EngineCore:
             event = {"type": "frame", "frame": p.frames_done - 1, **fields}
             self._event(p.render_id, {**event, "frames_total": p.frames_total})
             return
-        self.store.update(p.render_id, state=state, **fields)
-        self._event(p.render_id, {"type": "state", "state": state, **fields})
+        if p.stage is Stage.DONE and live is not None and p.frames_done > live.start:
+            event = {"type": "frame", "frame": p.frames_done - 1, **fields}
+            self._event(p.render_id, {**event, "frames_total": p.frames_total})
+        self._set_state(p.render_id, state, **fields)
         if p.stage is Stage.DONE and live is not None:
             self._finish(live)
         elif p.stage in (Stage.FAILED, Stage.CANCELLED):
@@ -425,9 +427,7 @@ class EngineCore:
     def _finish(self, live: LiveRender) -> None:
         """Encode the outputs of a render whose frames are all persisted (finisher thread)."""
         self._finishing.add(live.id)
-        if self.store.get(live.id).state != "encoding":  # type: ignore[union-attr]
-            self.store.update(live.id, state="encoding", frames_done=live.frames)
-            self._event(live.id, {"type": "state", "state": "encoding"})
+        self._set_state(live.id, "encoding", frames_done=live.frames)
         memory = self.executor.memory()
 
         def run() -> None:
@@ -460,9 +460,18 @@ class EngineCore:
         self._end(render_id, "failed")
 
     def _end(self, render_id: str, state: str) -> None:
-        self.store.update(render_id, state=state, eta_s=0.0 if state == "done" else None)
-        self._event(render_id, {"type": "state", "state": state})
+        self._set_state(render_id, state, eta_s=0.0 if state == "done" else None)
         self._release(render_id)
+
+    def _set_state(self, render_id: str, state: str, **fields: Any) -> None:
+        """Record ``fields`` and, when the state changes, the new state and its event."""
+        record = self.store.get(render_id)
+        if record is not None and record.state == state:
+            if fields:
+                self.store.update(render_id, **fields)
+            return
+        self.store.update(render_id, state=state, **fields)
+        self._event(render_id, {"type": "state", "state": state, **fields})
 
     def _release(self, render_id: str) -> None:
         live = self._live.get(render_id)

@@ -30,6 +30,7 @@ from engine.core.work import (
     appearance_stage,
     background_stage,
     build_chain,
+    padding_policy,
     peak_rss_mb,
     refine_stage,
 )
@@ -163,8 +164,7 @@ class InProcessExecutor(Executor):
     ):
         self.model = config.model
         self.chain = chain or build_chain(config.model)
-        c = config.cluster
-        self.sampler = SamplerState(self.chain, c.max_batch, c.deterministic_batches)
+        self.sampler = SamplerState(self.chain, config.cluster.max_batch, padding_policy(config))
         self._specs: dict[str, SessionSpec] = {}
         self._batches: list[tuple[int, list[FrameWork]]] = []
         self._events: queue.Queue[Outcome] = queue.Queue()

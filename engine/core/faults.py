@@ -4,6 +4,7 @@ faults are retried (up to ``cluster.max_attempts``), and nothing ends the core o
 | fault                                                        | kind  | what happens            |
 |--------------------------------------------------------------|-------|-------------------------|
 | bad pose / plate / mask file, render-level config error      | input | render FAILED at once   |
+| untrusted SAM mask with ``background.fallback_to_pose`` off   | input | render FAILED at once   |
 | inputs changed since the render started (resume fingerprint) | input | render FAILED at once   |
 | non-finite model output                                      | input | render FAILED at once   |
 | worker died, node lost, out of memory, constructor failed    | infra | retried, then FAILED    |
@@ -30,9 +31,11 @@ class InputsChangedError(ConfigError):
 def _input_types() -> tuple[type[BaseException], ...]:
     from PIL import UnidentifiedImageError
 
+    from engine.background import SamMaskError
     from engine.pose import PoseError
 
     return (
+        SamMaskError,
         ConfigError,
         PoseError,
         NonFiniteOutputError,

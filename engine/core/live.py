@@ -110,7 +110,15 @@ def prepare_poses(config: RenderConfig) -> PoseSequence:
     """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
     if config.poses is None:
         raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
-    seq = load_poses(config.poses, max_frames=config.limits.max_frames)
+    from engine.method import cache_root
+
+    seq = load_poses(
+        config.poses,
+        max_frames=config.limits.max_frames,
+        kind=config.pose_kind,
+        extraction=config.pose_extraction,
+        cache_dir=cache_root(config),
+    )
     seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
     validate(seq, max_frames=config.limits.max_frames)
     return seq

@@ -202,6 +202,7 @@ def write_manifest(
             "fps": poses.fps,
             "width": poses.width,
             "height": poses.height,
+            **({"info": poses.info} if getattr(poses, "info", None) else {}),
         },
         "prompt": {"frame": prompt[0], "negative": prompt[1]},
         "stages": stages,

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.appearance.train import AdapterWeights
-from engine.batching import REF_SLOTS, BatchDenoiser
+from engine.batching import BatchDenoiser, rows_per_frame
 from engine.chain import FrameChain
 from engine.config import ModelConfig, RenderConfig
 from engine.core.faults import NonFiniteOutputError, classify
@@ -80,6 +80,13 @@ class FrameOutcome:
     error: str | None = None
     kind: str | None = None
     """``input`` or ``infra`` when ``error`` is set."""
+
+
+def padding_policy(config: RenderConfig) -> str:
+    """The Sampler's batch padding (``cluster.batch_padding``; ``none`` without
+    ``cluster.deterministic_batches``)."""
+    c = config.cluster
+    return c.batch_padding if c.deterministic_batches else "none"
 
 
 def build_chain(model: ModelConfig | dict[str, Any]) -> FrameChain:
@@ -180,10 +187,10 @@ class SamplerState:
     no open session uses them.
     """
 
-    def __init__(self, chain: FrameChain, max_batch: int, pad: str | bool = True):
+    def __init__(self, chain: FrameChain, max_batch: int, padding: str = "bucket"):
         self.chain = chain
         self.max_batch = max_batch
-        self.pad = pad
+        self.padding = padding
         self.sessions: dict[str, CharacterChain] = {}
         self._adapters: dict[str, str | None] = {}
 
@@ -251,16 +258,12 @@ class SamplerState:
             except Exception as e:  # this render alone
                 outcomes[i] = _failed(r, e)
         if jobs:
-            latents = BatchDenoiser(self.chain, pad_rows=self._pad_rows(jobs)).denoise(jobs)
+            capacity = self.max_batch * rows_per_frame(jobs[0].settings.inter_frame)
+            denoiser = BatchDenoiser(self.chain, pad_rows=capacity, padding=self.padding)  # type: ignore[arg-type]
+            latents = denoiser.denoise(jobs)
             for i, latent in zip(rows, latents, strict=True):
                 outcomes[i] = self._finish(requests[i], latent)
         return [outcomes[i] for i in range(len(requests))]
-
-    def _pad_rows(self, jobs: list[Any]) -> int | None:
-        if not self.pad:
-            return None
-        rows = 2 + (REF_SLOTS if "kv" in jobs[0].settings.inter_frame else 0)
-        return self.max_batch * rows
 
     def _finish(self, r: FrameWork, latent: torch.Tensor) -> FrameOutcome:
         try:
