@@ -1,7 +1,9 @@
 """Background alignment: one clean background plate per character (Dancing Avatar, Sec. 3.3).
 
-The character is generated in its scene at pose frame 0 (the frame prompt, the pose-0 map, the
-chain's UNet with its appearance LoRA if one is active). The person is segmented, by SAM
+The character is generated in its scene at pose frame 0 exactly as frame 0 of the render would be
+drawn with the background stage off: the frame prompt, the render's negative prompt
+(``config.negative_prompt``, the one every frame uses), the pose-0 map, the render seed and the
+character's appearance LoRA, passed by name and applied per row. The person is segmented, by SAM
 prompted from the pose (positive points on the joints, negative points well away from the body,
 a box around the skeleton) or from the pose alone, and inpainted out with the background prompt;
 the result is composited so the plate equals the scene everywhere away from the person. The frame
@@ -10,7 +12,9 @@ chain then holds every frame's background to that plate.
 Typical use::
 
     pipe, predictor = build_plate_models(config, chain.parts)
-    result = make_plate(chain, pipe, predictor, poses.keypoints[0], refined, config, seed=config.seed)
+    result = make_plate(
+        chain, pipe, predictor, poses.keypoints[0], refined, config, seed=config.seed, adapter=adapter_name
+    )
     save_plate_result(result, out / "plate")  # plate.png, scene.png, masks, plate.json
 """
 
@@ -121,6 +125,10 @@ class PlateResult:
     mask_source_used: str
     """``sam``, ``pose`` (requested) or ``pose_fallback`` (SAM mask not trusted)."""
     scene_prompt: str
+    scene_negative: str
+    """The scene's negative prompt (``config.negative_prompt``, as every frame)."""
+    adapter: str | None
+    """The appearance LoRA the scene was drawn with, or None."""
     prompt: str
     """The inpainting prompt (the refined background prompt)."""
     negative_prompt: str
@@ -353,22 +361,46 @@ def render_scene(
     refined: RefinedPrompt,
     config: RenderConfig,
     seed: int,
+    *,
+    adapter: str | None,
 ) -> np.ndarray:
     """The character in its scene at this pose: frame 0 of a free-background render.
 
-    Denoises frame index 0 with seed ``seed``, the full frame prompt, ``refined.negative`` and the
-    pose map, with the sampler settings of ``config`` and whatever adapters are active on the
-    chain's UNet (the appearance LoRA). Returns (H, W, 3) uint8 at config.width x config.height.
+    Denoises frame index 0 with seed ``seed``, the frame prompt (``refined.frame_prompt``), the
+    render's negative prompt (``config.negative_prompt``) and the pose map, with the sampler
+    settings of ``config`` and the appearance LoRA ``adapter`` (loaded on the chain's UNet;
+    None = base model), exactly as the frame chain denoises frame 0.
+
+    Returns:
+        (H, W, 3) uint8 RGB at config.width x config.height.
     """
     pose_map = render_pose_map(keypoints, config.width, config.height)
     latent = chain.denoise(
         index=0,
         seed=seed,
         pose=chain.image_tensor(pose_map),
-        text=chain.encode_prompt(refined.frame_prompt, refined.negative),
+        text=scene_text(chain, refined.frame_prompt, config.negative_prompt, adapter),
         settings=FrameSettings.from_config(config),
+        adapter=adapter,
     )
     return chain.decode(latent)
+
+
+def scene_text(chain: FrameChain, prompt: str, negative: str, adapter: str | None) -> torch.Tensor:
+    """(2, 77, D) [negative, prompt] embeddings as the frames get them: with ``adapter``'s text
+    LoRA when the text encoder has one (``appearance.train_text_encoder``), else the base text
+    encoder. The text encoder's adapter state is restored after."""
+    from engine.appearance.lora import activate_lora, loaded_adapters, restore, snapshot
+
+    encoder = chain.parts.text_encoder
+    state = snapshot(encoder)
+    if state is None:  # no text LoRA at all
+        return chain.encode_prompt(prompt, negative)
+    try:
+        activate_lora(encoder, adapter if adapter in loaded_adapters(encoder) else None)
+        return chain.encode_prompt(prompt, negative)
+    finally:
+        restore(encoder, state)
 
 
 def inpaint(
@@ -422,17 +454,20 @@ def make_plate(
     config: RenderConfig,
     *,
     seed: int,
+    adapter: str | None,
 ) -> PlateResult:
     """One clean background plate for a character (see the module docstring).
 
     Args:
-        chain: the frame chain (its UNet carries the character's LoRA if active).
+        chain: the frame chain (its UNet has the character's LoRA loaded, if it has one).
         inpaint_pipe: a StableDiffusionInpaintPipeline (:mod:`engine.models.inpaint`).
         sam_predictor: a SamPredictor; may be None when ``background.mask_source`` is pose.
         keypoints0: (18, 3) float keypoints of pose frame 0 at config.width x config.height.
         refined: the character's refined prompts (frame, background, negative).
         config: the render config (size, sampler, background section).
         seed: seeds the scene (as frame 0 of a render seeded ``seed``) and the inpainting noise.
+        adapter: name of the character's appearance LoRA on the chain's UNet (None = base model);
+            the scene is drawn with it, as the frames are.
 
     Raises:
         ValueError: bad keypoints, or mask_source sam without a predictor.
@@ -446,7 +481,7 @@ def make_plate(
             "engine.models.sam.build_sam_predictor(config.model), or set background.mask_source=pose"
         )
     width, height = config.width, config.height
-    scene = render_scene(chain, kp, refined, config, seed)
+    scene = render_scene(chain, kp, refined, config, seed, adapter=adapter)
     pose_mask = pose_body_mask(kp, width, height).astype(bool)
     sam: SamSegmentation | None = None
     iou: float | None = None
@@ -467,7 +502,8 @@ def make_plate(
         scene=scene, plate=composite(inpainted, scene, mask), inpainted=inpainted, mask=mask,
         pose_mask=pose_mask, sam_mask=None if sam is None else sam.mask, iou=iou,
         sam_score=None if sam is None else sam.score, sam_index=None if sam is None else sam.chosen,
-        mask_source_used=source, scene_prompt=refined.frame_prompt, prompt=prompt,
+        mask_source_used=source, scene_prompt=refined.frame_prompt,
+        scene_negative=config.negative_prompt, adapter=adapter, prompt=prompt,
         negative_prompt=negative, seed=seed, steps=steps, guidance=guidance,
     )  # fmt: skip
 
@@ -500,10 +536,12 @@ def plate_record(result: PlateResult) -> dict[str, Any]:
         "mask_area": float((result.mask > 0).mean()),
         "prompts": {
             "scene": result.scene_prompt,
+            "scene_negative": result.scene_negative,
             "background": result.prompt,
             "negative": result.negative_prompt,
         },
         "seed": result.seed,
+        "adapter": result.adapter,
         "inpaint_steps": result.steps,
         "inpaint_guidance": result.guidance,
         "width": width,

@@ -5,17 +5,32 @@ frame t' of B in the same forward pass. Each frame keeps its own prompt, pose, g
 timestep schedule (the ``latent`` mechanism starts later), reference frames (``kv``), background
 plate and appearance LoRA (per-row peft ``adapter_names``).
 
-Determinism: on a CPU a batch row's result depends on the batch *size* only, not on the other
-rows' content or on its position (checked bitwise in tests/test_batching.py). With ``pad_rows``
-every forward pass has the same size, so a frame is bit-identical whichever frames share its
-batch — a resumed or re-scheduled render reproduces the uninterrupted one exactly.
+Determinism (what is bitwise and what is within a tolerance):
+
+- Bitwise: the same frame computed twice in forward passes of the *same shape* on the same machine
+  (same build of torch and its CPU/GPU kernels). On this machine a row's result also does not
+  depend on the other rows' content or its position in a batch of that shape (checked in
+  tests/test_batching.py). A frame with no reference (frame 0, ``none``, ``latent``) runs the
+  same shapes under every inter-frame mode.
+- Within a tolerance: the same frame in batches of different shapes (alone vs with other
+  characters, or in another padding bucket). BLAS and convolution kernels pick different blockings
+  per shape and per CPU, so the last bits differ. Measured on the tiny preset (20 steps, 4-frame
+  chains, benchmarks/padding.py): latents within 4e-5, frames within 1 grey level; a chained
+  frame starts from its predecessors, so a long chain can drift further.
+
+Padding (:func:`padded_rows`) turns the first into a guarantee for re-scheduled work: ``max`` pads
+every forward pass to the batch capacity, so a frame is bit-identical whatever shares its batch
+(a resumed or re-scheduled render reproduces the uninterrupted one exactly) at the cost of the
+padding rows; ``bucket`` pads to the next of 1, 2, 4, 8, … rows (at most 2x, nothing for a full
+or power-of-two batch), so a frame is bit-identical whenever its batches fall in the same buckets;
+``none`` never pads.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -29,7 +44,43 @@ from engine.chain import (
 )
 
 REF_SLOTS = 2
-"""Reference columns per row under ``kv`` (anchor frame 0 and frame t-1; fewer are padded)."""
+"""Reference columns per row under ``kv`` (anchor frame 0 and frame t-1; fewer are padded with
+the row itself, which the attention masks out: each distinct frame is attended to once)."""
+
+PadPolicy = Literal["none", "bucket", "max"]
+"""How a forward pass is padded: ``none``, ``bucket`` (next power of two) or ``max`` (capacity)."""
+
+
+def rows_per_frame(inter_frame: str) -> int:
+    """Most batch rows one frame takes: 2 (unconditional + prompt) plus, under ``kv``, one per
+    reference slot."""
+    return 2 + (REF_SLOTS if "kv" in inter_frame else 0)
+
+
+def padded_rows(real: int, policy: PadPolicy, max_rows: int) -> int:
+    """Rows of the forward pass that carries ``real`` rows.
+
+    Args:
+        real: rows of the frames in the batch (>= 1).
+        policy: ``none`` → ``real``; ``bucket`` → the smallest of 1, 2, 4, 8, … and ``max_rows``
+            that holds ``real``; ``max`` → ``max_rows``.
+        max_rows: the batch capacity in rows (``cluster.max_batch`` x :func:`rows_per_frame`).
+
+    Raises:
+        ValueError: ``real`` is not in [1, max_rows], or an unknown policy.
+    """
+    if not 1 <= real <= max_rows:
+        raise ValueError(
+            f"a batch of {real} rows does not fit the capacity of {max_rows} rows; schedule at "
+            "most cluster.max_batch frames per batch"
+        )
+    if policy == "none":
+        return real
+    if policy == "max":
+        return max_rows
+    if policy == "bucket":
+        return min(1 << (real - 1).bit_length(), max_rows)
+    raise ValueError(f"unknown batch padding policy {policy!r}; use none, bucket or max")
 
 
 @dataclass
@@ -74,9 +125,14 @@ class _Run:
 class BatchDenoiser:
     """Denoises many :class:`FrameJob` together with one resident :class:`FrameChain`."""
 
-    def __init__(self, chain: FrameChain, pad_rows: int | None = None):
+    def __init__(
+        self, chain: FrameChain, pad_rows: int | None = None, padding: PadPolicy = "bucket"
+    ):
+        """``pad_rows``: the batch capacity in rows (None = never pad); ``padding``: how each
+        forward pass is padded under it (:func:`padded_rows`)."""
         self.chain = chain
         self.pad_rows = pad_rows
+        self.padding = padding
         self.sched = chain.scheduler
 
     @staticmethod
@@ -165,7 +221,9 @@ class BatchDenoiser:
                 [row] * REF_SLOTS for row in ref_rows
             ]
         real = len(latents)
-        pad = max(0, (self.pad_rows or 0) - real)
+        pad = 0
+        if self.pad_rows is not None:
+            pad = padded_rows(real, self.padding, self.pad_rows) - real
         x = _pad(torch.cat(latents), pad)
         timestep = _pad(torch.stack(steps), pad)
         cond = _pad(torch.cat(text), pad)
@@ -173,33 +231,22 @@ class BatchDenoiser:
         ref_cols += [[real + i] * REF_SLOTS for i in range(pad)]
         names += [None] * pad
         weights = _pad(torch.tensor(scale, dtype=x.dtype, device=x.device), pad).view(-1, 1, 1, 1)
-        ctx = self.chain.context
-        ctx.ref_index = torch.tensor(ref_cols, device=x.device) if uses_kv else None
-        ctx.include_self = active[0].job.settings.kv_include_self
-        parts = self.chain.parts
-        try:
-            with _adapters(parts.unet, names):
-                x_in = self.sched.scale_model_input(x, timestep)
-                down, mid = parts.controlnet(
-                    x_in,
-                    timestep,
-                    encoder_hidden_states=cond,
-                    controlnet_cond=image,
-                    conditioning_scale=1.0,
-                    return_dict=False,
-                )
-                down = [d * weights for d in down]
-                eps = parts.unet(
-                    x_in,
-                    timestep,
-                    encoder_hidden_states=cond,
-                    down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid * weights,
-                    return_dict=False,
-                )[0]
-        finally:
-            ctx.ref_index = None
-        return eps
+        # No row with a reference (frame 0 alone): plain self-attention, the shapes of ``none``.
+        has_refs = uses_kv and any(r.refs for r in active)
+        from engine.accel import StepInputs, step_for  # model.backend's denoise step
+
+        return step_for(self.chain)(
+            StepInputs(
+                sample=self.sched.scale_model_input(x, timestep),
+                timestep=timestep,
+                text=cond,
+                pose=image,
+                control_scale=weights,
+                ref_index=torch.tensor(ref_cols, device=x.device) if has_refs else None,
+                include_self=active[0].job.settings.kv_include_self,
+                adapters=names,
+            )
+        )
 
     def _advance(self, run: _Run, eps: torch.Tensor) -> None:
         """Guidance, one DDIM step and background blending for one job."""
@@ -223,13 +270,3 @@ def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
     if rows == 0:
         return x
     return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
-
-
-@contextlib.contextmanager
-def _adapters(unet: torch.nn.Module, names: list[str | None]) -> Iterator[None]:
-    """Row i runs with appearance LoRA ``names[i]``; None rows (and all rows when no name is
-    given) run the base model, whatever adapter is active on the UNet."""
-    from engine.appearance.lora import per_row_adapters
-
-    with per_row_adapters(unet, names):
-        yield

@@ -19,14 +19,23 @@ characters in one batch); this module holds the resident components and the cond
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler
+from diffusers.configuration_utils import FrozenDict
 
-from engine.attention import CrossFrameContext, install_cross_frame_attention
+from engine.attention import (
+    Backend,
+    CrossFrameContext,
+    install_attention_backend,
+    install_cross_frame_attention,
+)
 from engine.config import RenderConfig
 from engine.models.registry import DiffusionComponents
 
@@ -92,11 +101,14 @@ class Background:
 class FrameChain:
     """Denoises frames with resident components; holds no per-render state between calls."""
 
-    def __init__(self, components: DiffusionComponents, attention: str = "sdpa"):
+    def __init__(self, components: DiffusionComponents, attention: Backend = "sdpa"):
         self.parts = components
         self.context = CrossFrameContext()
-        install_cross_frame_attention(components.unet, self.context, attention)  # type: ignore[arg-type]
-        self.scheduler = DDIMScheduler.from_config(components.scheduler.config)
+        install_cross_frame_attention(components.unet, self.context, attention)
+        install_attention_backend(components.controlnet, attention)
+        self.scheduler = DDIMScheduler.from_config(
+            fix_legacy_scheduler_config(components.scheduler)
+        )
 
     @property
     def device(self) -> torch.device:
@@ -182,6 +194,48 @@ class FrameChain:
 
         job = FrameJob(index, seed, pose, text, settings, previous, anchor, background, adapter)
         return BatchDenoiser(self).denoise([job])[0]
+
+
+def fix_legacy_scheduler_config(scheduler: Any) -> dict[str, Any]:
+    """A scheduler config with the fixes diffusers' SD pipelines apply to old SD-1.x checkpoints.
+
+    ``steps_offset`` != 1 becomes 1 and ``clip_sample: true`` becomes false, each with the
+    FutureWarning ``StableDiffusionPipeline.__init__`` gives (same text, same order), so a
+    hand-written loop over such a checkpoint samples the timesteps and x0 that diffusers'
+    pipelines do.
+
+    Args:
+        scheduler: a diffusers scheduler; it is not modified (the fixes go to a shallow copy).
+
+    Returns:
+        The fixed config as a new dict.
+    """
+    sched = copy.copy(scheduler)
+    if getattr(sched.config, "steps_offset", 1) != 1:
+        warnings.warn(
+            f"The configuration file of this scheduler: {sched} is outdated. `steps_offset`"
+            f" should be set to 1 instead of {sched.config.steps_offset}. Please make sure "
+            "to update the config accordingly as leaving `steps_offset` might led to incorrect "
+            "results in future versions. If you have downloaded this checkpoint from the Hugging "
+            "Face Hub, it would be very nice if you could open a Pull request for the "
+            "`scheduler/scheduler_config.json` file",
+            FutureWarning,
+            stacklevel=2,
+        )
+        sched._internal_dict = FrozenDict({**sched.config, "steps_offset": 1})
+    if getattr(sched.config, "clip_sample", False) is True:
+        warnings.warn(
+            f"The configuration file of this scheduler: {sched} has not set the configuration "
+            "`clip_sample`. `clip_sample` should be set to False in the configuration file. Please "
+            "make sure to update the config accordingly as not setting `clip_sample` in the config "
+            "might lead to incorrect results in future versions. If you have downloaded this "
+            "checkpoint from the Hugging Face Hub, it would be very nice if you could open a Pull "
+            "request for the `scheduler/scheduler_config.json` file",
+            FutureWarning,
+            stacklevel=2,
+        )
+        sched._internal_dict = FrozenDict({**sched.config, "clip_sample": False})
+    return dict(sched.config)
 
 
 def blend_background(

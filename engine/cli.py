@@ -204,15 +204,14 @@ def poses_convert(
         return
     info = seq.info or {}
     how = f", {info['kind']}" if info.get("kind") else ""
-    typer.echo(
-        f"wrote {dst} ({len(seq.keypoints)} frames, {seq.fps:g} fps, "
-        f"{seq.width}x{seq.height}{how})"
-    )
-    if info.get("filled") or info.get("empty"):
+    size = f"{seq.width}x{seq.height}"
+    typer.echo(f"wrote {dst} ({len(seq.keypoints)} frames, {seq.fps:g} fps, {size}{how})")
+    filled, empty = info.get("filled") or [], info.get("empty") or []
+    if filled or empty:
+        where = f" (frames {empty[:20]})" if empty else ""
         typer.echo(
-            f"no person detected in {len(info['filled']) + len(info['empty'])} frames: "
-            f"{len(info['filled'])} filled by interpolation, {len(info['empty'])} left empty "
-            f"(frames {info['empty'][:20]})"
+            f"no person detected in {len(filled) + len(empty)} frames: {len(filled)} filled by "
+            f"interpolation, {len(empty)} left empty{where}"
         )
     if preview is not None:
         typer.echo(f"preview: {preview}")
@@ -228,6 +227,41 @@ def presets() -> None:
             f"{name:8s} model={model.get('preset', name)} {data.get('width', '?')}x{data.get('height', '?')} "
             f"steps={data.get('sampler', {}).get('steps', '?')} device={model.get('device', 'auto')}"
         )
+
+
+@app.command()
+def serve(
+    config: Annotated[
+        Path | None,
+        typer.Option(help="ServeArgs YAML or a Serve config (cluster/deploy/serve.yaml)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="HTTP port (default: the config's, 8000).")
+    ] = None,
+    storage: Annotated[Path | None, typer.Option(help="Storage root of the renders.")] = None,
+) -> None:
+    """Start the HTTP render service and its web page on 127.0.0.1 (Ray Serve); Ctrl-C stops."""
+    import time
+
+    from cluster.serve.config import load_args  # lazily: engine/ never imports ray or fastapi
+    from cluster.serve.local import ensure_token, start, stop
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        args = load_args(config, port=port, storage=storage, host="127.0.0.1")
+        token = ensure_token(args)
+        url = start(args)
+    except (ConfigError, TimeoutError) as e:
+        _fail(str(e))
+        return
+    typer.echo(f"serving on {url}  (API: {url}/openapi.json, metrics: {url}/metrics)")
+    if token:
+        typer.echo(f"token (this run only): {token}\npage: {url}/#token={token}")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop()
 
 
 def main() -> None:

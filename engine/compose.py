@@ -93,15 +93,49 @@ def person_mask(
     )
 
 
-def load_mask(path: Path, width: int, height: int) -> np.ndarray:
-    """A supplied mask image (white = person) as (H, W) uint8 {0, 1} at the frame size."""
+def load_mask(
+    path: Path, width: int, height: int, *, source_size: tuple[int, int] | None = None
+) -> np.ndarray:
+    """A supplied mask image (white = person) as (H, W) uint8 {0, 1} at the frame size.
+
+    The mask is letterboxed into ``width`` x ``height`` exactly as the poses are
+    (:func:`engine.pose.resample`): scaled by ``min(width / w0, height / h0)`` and centred, where
+    ``(w0, h0) = source_size`` is the pose sequence's frame; the bars are background (0). A mask
+    stored at another resolution than the pose frame must have its aspect ratio (within 1 px).
+
+    Args:
+        path: PNG/JPEG, any mode (converted to 8-bit grey, >= 128 = person).
+        source_size: the pose frame (w0, h0); None = the mask's own size.
+
+    Raises:
+        ValueError: unreadable file, or aspect ratio other than the pose frame's; names the file.
+    """
     try:
-        img = Image.open(path).convert("L")
+        with Image.open(path) as file:
+            grey = np.asarray(file.convert("L"), dtype=np.float32)
     except OSError as e:
         raise ValueError(f"cannot read mask {path}: {e}") from None
-    if img.size != (width, height):
-        img = img.resize((width, height), Image.Resampling.NEAREST)
-    return (np.asarray(img) >= 128).astype(np.uint8)
+    hm, wm = grey.shape
+    w0, h0 = source_size or (wm, hm)
+    if abs(wm * h0 / w0 - hm) > 1.0:
+        raise ValueError(
+            f"mask {path} is {wm}x{hm} but the poses' frame is {w0}x{h0}: a different aspect "
+            "ratio cannot be lined up with the poses; give masks drawn on the pose frame"
+        )
+    scale = min(width / w0, height / h0)  # the poses' letterbox (engine.pose.sequence)
+    sx, sy = scale * w0 / wm, scale * h0 / hm  # mask pixels → output pixels
+    ox, oy = (width - scale * w0) / 2.0, (height - scale * h0) / 2.0
+    # Pixel centres map like keypoints: (u + 0.5) * s + offset = u' + 0.5.
+    matrix = np.array([[sx, 0.0, ox + 0.5 * sx - 0.5], [0.0, sy, oy + 0.5 * sy - 0.5]])
+    warped = cv2.warpAffine(
+        grey,
+        matrix,
+        (width, height),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_CONSTANT,
+        borderValue=0.0,
+    )
+    return (warped >= 128.0).astype(np.uint8)
 
 
 def latent_mask(mask: np.ndarray, factor: int) -> torch.Tensor:

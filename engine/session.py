@@ -8,6 +8,7 @@ the chain state proper is the two reference latents the caller passes in.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,21 @@ from engine.batching import FrameJob
 from engine.chain import Background, FrameChain, FrameSettings, Reference
 from engine.compose import composite, latent_mask, load_mask, person_mask, soften_mask
 from engine.config import ConfigError, RenderConfig
-from engine.pose import render_pose_map
+from engine.pose import PoseSequence, load_poses, render_pose_map
+from engine.pose.video import natural_key
+
+MASK_EXTS = (".png", ".jpg", ".jpeg")
+"""Image types read from a ``masks:`` folder."""
+
+
+@dataclass(frozen=True)
+class SuppliedMasks:
+    """The supplied person masks (``masks:``) lined up with the render's frames."""
+
+    files: tuple[Path, ...]
+    """One mask image per *render* frame (after fps resampling), in frame order."""
+    source_size: tuple[int, int]
+    """(width, height) of the pose frame the masks were drawn on (the poses' source frame)."""
 
 
 class CharacterChain:
@@ -30,6 +45,9 @@ class CharacterChain:
         prompt, negative: Frame prompt and negative prompt.
         plate: (H, W, 3) uint8 background plate, or None for a free background.
         adapter: Appearance LoRA name loaded on the chain's UNet, or None.
+        masks: The supplied masks lined up with ``keypoints`` (:func:`supplied_masks`); None
+            with ``config.masks`` set and a plate: read here from the pose source
+            (``config.poses``, loaded once more for its fps, frame count and size).
     """
 
     def __init__(
@@ -42,6 +60,7 @@ class CharacterChain:
         negative: str,
         plate: np.ndarray | None = None,
         adapter: str | None = None,
+        masks: SuppliedMasks | None = None,
     ):
         self.chain = chain
         self.config = config
@@ -51,7 +70,17 @@ class CharacterChain:
         self.plate = plate
         self.plate_latent = chain.encode_image(plate) if plate is not None else None
         self.adapter = adapter
-        self.mask_files = _mask_files(config, len(keypoints)) if plate is not None else None
+        self.masks = masks
+        if masks is None and plate is not None and config.masks is not None:
+            if config.poses is None:
+                raise ConfigError("masks: need the spec's poses to line them up; add poses:")
+            source = load_poses(config.poses, max_frames=config.limits.max_frames)
+            self.masks = supplied_masks(config, source)
+        if self.masks is not None and len(self.masks.files) != len(keypoints):
+            raise ConfigError(
+                f"masks: {config.masks} gives {len(self.masks.files)} masks after resampling to "
+                f"the render's fps for {len(keypoints)} frames; give one mask per pose frame"
+            )
         self._memo: dict[tuple[str, int], np.ndarray] = {}
 
     def _cached(self, kind: str, index: int, make: Callable[[], np.ndarray]) -> np.ndarray:
@@ -84,9 +113,12 @@ class CharacterChain:
     def _make_mask(self, index: int) -> np.ndarray:
         c = self.config
         side = min(c.width, c.height)
-        if self.mask_files is not None:
+        if self.masks is not None:
+            binary = load_mask(
+                self.masks.files[index], c.width, c.height, source_size=self.masks.source_size
+            )
             return soften_mask(
-                load_mask(self.mask_files[index], c.width, c.height),
+                binary,
                 dilate_px=round(c.chain.mask_dilate * side),
                 feather_px=round(c.chain.mask_feather * side),
             )
@@ -135,11 +167,52 @@ class CharacterChain:
         return frame
 
 
-def _mask_files(config: RenderConfig, frames: int) -> list[Path] | None:
-    """The supplied per-frame mask images (``config.masks``), listed and checked once."""
-    if config.masks is None:
-        return None
-    files = sorted(p for p in Path(config.masks).iterdir() if p.suffix.lower() in (".png", ".jpg"))
-    if len(files) < frames:
-        raise ConfigError(f"masks: {config.masks} has {len(files)} images for {frames} frames")
-    return files
+def source_frame_index(frames: int, fps_in: float, fps_out: float) -> np.ndarray:
+    """For each frame of a sequence resampled from ``fps_in`` to ``fps_out``, its source frame.
+
+    Mirrors :func:`engine.pose.resample`: output frame ``i`` sits at source position
+    ``p = i * fps_in / fps_out`` (clamped to the last frame), ``max(1, round(F * fps_out /
+    fps_in))`` frames; a joint not interpolated takes frame ``floor(p)`` when ``p - floor(p) <
+    0.5``, else the next one. Masks take that same nearest frame.
+
+    Returns:
+        (F_out,) int64 indices into the source frames.
+    """
+    if fps_out == fps_in:
+        return np.arange(frames, dtype=np.int64)
+    n_out = max(1, round(frames * fps_out / fps_in))
+    pos = np.minimum(np.arange(n_out, dtype=np.float64) * (fps_in / fps_out), frames - 1)
+    i0 = np.floor(pos).astype(np.int64)
+    return np.where(pos - i0 < 0.5, i0, np.minimum(i0 + 1, frames - 1))
+
+
+def list_masks(folder: Path) -> list[Path]:
+    """The mask images of ``folder`` in natural order (``mask_2`` before ``mask_10``)."""
+    if not folder.is_dir():
+        raise ConfigError(f"masks: {folder} is not a folder; give a folder of per-frame masks")
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in MASK_EXTS]
+    return sorted(files, key=lambda p: natural_key(p.name))
+
+
+def supplied_masks(config: RenderConfig, source: PoseSequence) -> SuppliedMasks:
+    """Line the masks of ``config.masks`` up with the render's frames.
+
+    One mask per frame of the pose *source* (``source``: the sequence as loaded, before
+    resampling), in natural file order; resampled to the render's fps with the poses' own rule
+    (:func:`source_frame_index`); letterboxed later like the poses (:func:`load_mask`).
+
+    Raises:
+        ConfigError: no folder, or a mask count other than the source's frame count.
+    """
+    assert config.masks is not None
+    folder = Path(config.masks)
+    files = list_masks(folder)
+    if len(files) != source.num_frames:
+        first = f" ({files[0].name} … {files[-1].name})" if files else ""
+        raise ConfigError(
+            f"masks: {folder} has {len(files)} mask images{first} for the {source.num_frames} "
+            f"frames of the poses {source.source}: give one mask per pose frame (before fps "
+            "resampling), named so they sort in frame order"
+        )
+    index = source_frame_index(source.num_frames, source.fps, config.fps or source.fps)
+    return SuppliedMasks(tuple(files[i] for i in index), (source.width, source.height))

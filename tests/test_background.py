@@ -102,7 +102,9 @@ def plate_config(**background) -> RenderConfig:
 def test_plate_end_to_end_tiny_sam(tiny_chain, inpaint_pipe, dance0, refined, tmp_path):
     predictor = SamPredictor(build_tiny_sam(0))
     config = plate_config(mask_source="sam", fallback_to_pose=True)
-    result = make_plate(tiny_chain, inpaint_pipe, predictor, dance0, refined, config, seed=3)
+    result = make_plate(
+        tiny_chain, inpaint_pipe, predictor, dance0, refined, config, seed=3, adapter=None
+    )
     for image in (result.scene, result.plate, result.inpainted):
         assert image.shape == (SIZE, SIZE, 3) and image.dtype == np.uint8
     assert result.mask.shape == (SIZE, SIZE) and result.mask.dtype == np.float32
@@ -135,11 +137,83 @@ def test_plate_end_to_end_tiny_sam(tiny_chain, inpaint_pipe, dance0, refined, tm
 
 def test_scene_is_frame_zero_and_plate_deterministic(tiny_chain, inpaint_pipe, dance0, refined):
     config = plate_config(mask_source="pose")
-    a = make_plate(tiny_chain, inpaint_pipe, None, dance0, refined, config, seed=5)
-    b = make_plate(tiny_chain, inpaint_pipe, None, dance0, refined, config, seed=5)
+    a = make_plate(tiny_chain, inpaint_pipe, None, dance0, refined, config, seed=5, adapter=None)
+    b = make_plate(tiny_chain, inpaint_pipe, None, dance0, refined, config, seed=5, adapter=None)
     assert np.array_equal(a.plate, b.plate) and np.array_equal(a.scene, b.scene)
     assert a.sam_mask is None and a.iou is None and a.mask_source_used == "pose"
     assert np.array_equal(a.pose_mask, pose_body_mask(dance0, SIZE, SIZE).astype(bool))
+
+
+@pytest.fixture(scope="module")
+def lora_chain():
+    """A private tiny chain with two random appearance LoRAs ("a", "b") loaded."""
+    from test_batching import make_lora_chain
+
+    return make_lora_chain()
+
+
+@pytest.mark.parametrize("adapter", [None, "a"], ids=["base", "lora"])
+def test_scene_equals_frame_zero_of_the_chain(lora_chain, dance0, refined, adapter):
+    """The scene is frame 0 as the frame chain draws it: same prompt, negative, seed, pose and
+    LoRA (passed by name, applied per row). Same batch shape on the same machine → bitwise."""
+    from engine.batching import BatchDenoiser
+    from engine.session import CharacterChain
+
+    pipe = make_inpaint_pipeline(ModelConfig(preset="tiny", device="cpu"), lora_chain.parts)
+    config = plate_config(mask_source="pose").model_copy(update={"seed": 9})
+    result = make_plate(lora_chain, pipe, None, dance0, refined, config, seed=9, adapter=adapter)
+    session = CharacterChain(
+        lora_chain,
+        config,
+        dance0[None],
+        prompt=refined.frame_prompt,
+        negative=config.negative_prompt,
+        adapter=adapter,
+    )
+    frame0 = lora_chain.decode(BatchDenoiser(lora_chain).denoise([session.job(0, None, None)])[0])
+    assert np.array_equal(result.scene, frame0)
+    assert result.adapter == adapter and result.scene_negative == config.negative_prompt
+    if adapter is not None:  # the LoRA really acts on the scene
+        base = make_plate(lora_chain, pipe, None, dance0, refined, config, seed=9, adapter=None)
+        assert np.abs(base.scene.astype(int) - result.scene.astype(int)).mean() > 1.0
+
+
+def test_generated_scene_equals_frame_zero_of_a_render(tiny_chain, tmp_path):
+    """End to end: plate/scene.png of a render with the plate and the appearance LoRA equals
+    frame 0 of the same render with the background stage off (bitwise: same shapes, machine)."""
+    from conftest import tiny_config
+
+    from engine.pose import save_poses_json, synthetic_dance
+    from engine.render import render
+    from engine.video import load_png
+
+    poses = tmp_path / "poses.json"
+    save_poses_json(synthetic_dance(frames=2, fps=8, width=64, height=64), poses)
+    lora = [
+        "alignment.intra_frame=true",
+        "appearance.references=1",
+        "appearance.steps=2",
+        "appearance.learning_rate=0.05",
+        "appearance.seed=4",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    common = [*lora, "sampler.steps=2", "seed=7"]
+    off = render(tiny_config(poses, *common), tmp_path / "off", chain=tiny_chain, progress=False)
+    plate = [
+        "alignment.background=true",
+        "background.mask_source=pose",
+        "background.inpaint_steps=1",
+    ]
+    on = render(
+        tiny_config(poses, *common, *plate), tmp_path / "on", chain=tiny_chain, progress=False
+    )
+    scene = load_png(on.out_dir / "plate" / "scene.png")
+    assert np.array_equal(scene, load_png(off.out_dir / "frames" / "000000.png"))
+    base = render(
+        tiny_config(poses, "sampler.steps=2", "seed=7"), tmp_path / "base", chain=tiny_chain,
+        progress=False,
+    )  # fmt: skip
+    assert not np.array_equal(scene, load_png(base.out_dir / "frames" / "000000.png"))
 
 
 def test_pose_source_writes_no_sam_mask(tiny_chain, inpaint_pipe, dance0, refined, tmp_path):
@@ -147,7 +221,14 @@ def test_pose_source_writes_no_sam_mask(tiny_chain, inpaint_pipe, dance0, refine
     out.mkdir()
     (out / "sam_mask.png").write_bytes(b"stale")
     result = make_plate(
-        tiny_chain, inpaint_pipe, None, dance0, refined, plate_config(mask_source="pose"), seed=0
+        tiny_chain,
+        inpaint_pipe,
+        None,
+        dance0,
+        refined,
+        plate_config(mask_source="pose"),
+        seed=0,
+        adapter=None,
     )
     save_plate_result(result, out)
     assert not (out / "sam_mask.png").exists()
@@ -156,7 +237,9 @@ def test_pose_source_writes_no_sam_mask(tiny_chain, inpaint_pipe, dance0, refine
 
 def test_sam_source_without_predictor_is_an_error(tiny_chain, inpaint_pipe, dance0, refined):
     with pytest.raises(ValueError, match="mask_source=pose"):
-        make_plate(tiny_chain, inpaint_pipe, None, dance0, refined, plate_config(), seed=0)
+        make_plate(
+            tiny_chain, inpaint_pipe, None, dance0, refined, plate_config(), seed=0, adapter=None
+        )
 
 
 # -- SAM prompts and pose masks ---------------------------------------------------------------
@@ -254,7 +337,9 @@ def test_sam_trust_check_accepts_falls_back_or_raises(
     wrong[:, :6, :6] = True  # a corner blob: IoU 0 with the body
     fake = FakePredictor(wrong, np.array([0.9, 0.8, 0.7]))
     with caplog.at_level(logging.WARNING, logger="engine.background"):
-        result = make_plate(tiny_chain, inpaint_pipe, fake, dance0, refined, plate_config(), seed=0)
+        result = make_plate(
+            tiny_chain, inpaint_pipe, fake, dance0, refined, plate_config(), seed=0, adapter=None
+        )
     assert result.mask_source_used == "pose_fallback" and result.iou == 0.0
     assert any("sam_min_iou" in r.getMessage() for r in caplog.records)
     assert (result.mask[result.pose_mask] == 1.0).all()
@@ -262,14 +347,15 @@ def test_sam_trust_check_accepts_falls_back_or_raises(
 
     body = np.repeat(result.pose_mask[None], 3, axis=0)
     good = FakePredictor(body, np.array([0.1, 0.2, 0.3]))
-    trusted = make_plate(tiny_chain, inpaint_pipe, good, dance0, refined, plate_config(), seed=0)
+    trusted = make_plate(
+        tiny_chain, inpaint_pipe, good, dance0, refined, plate_config(), seed=0, adapter=None
+    )
     assert trusted.mask_source_used == "sam" and trusted.iou == 1.0 and trusted.sam_index == 2
 
     with pytest.raises(SamMaskError, match="fallback_to_pose"):
         make_plate(
             tiny_chain, inpaint_pipe, fake, dance0, refined,
-            plate_config(fallback_to_pose=False), seed=0,
-        )  # fmt: skip
+            plate_config(fallback_to_pose=False), seed=0, adapter=None)  # fmt: skip
 
 
 # -- models -----------------------------------------------------------------------------------

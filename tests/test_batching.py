@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from engine.appearance.lora import add_lora, loaded_adapters, lora_config
-from engine.batching import BatchDenoiser, FrameJob
+from engine.batching import BatchDenoiser, FrameJob, padded_rows, rows_per_frame
 from engine.chain import FrameChain, FrameSettings, Reference
 from engine.config import ModelConfig, load_config
 from engine.models.registry import build_components
@@ -14,7 +14,11 @@ from engine.pose import render_pose_map, synthetic_dance
 
 
 @pytest.fixture(scope="module")
-def lora_chain():
+def lora_chain() -> FrameChain:
+    return make_lora_chain()
+
+
+def make_lora_chain() -> FrameChain:
     """A private tiny chain with two random appearance LoRAs ("a", "b") loaded."""
     parts = build_components(ModelConfig(preset="tiny", seed=7))
     chain = FrameChain(parts)
@@ -29,16 +33,19 @@ def lora_chain():
     return chain
 
 
-def settings(mechanism: str = "kv+latent", **kw) -> FrameSettings:
+def settings(mechanism: str = "kv+latent", steps: int = 4, **kw) -> FrameSettings:
     config = load_config(
-        None, preset="tiny", overrides=[f"alignment.inter_frame={mechanism}", "sampler.steps=4"]
+        None,
+        preset="tiny",
+        overrides=[f"alignment.inter_frame={mechanism}", f"sampler.steps={steps}"],
     )
     base = FrameSettings.from_config(config)
     return FrameSettings(**{**base.__dict__, **kw})
 
 
-def make_jobs(chain: FrameChain, adapters=(None, None, None)) -> list[FrameJob]:
-    """Three characters at different points of their chains (frame 0, 1 and 3)."""
+def make_jobs(chain: FrameChain, adapters=(None, None, None), steps: int = 4) -> list[FrameJob]:
+    """Three characters at different points of their chains (frame 0, 1 and 3): 2, 3 and 4
+    batch rows (frame 1 has one reference, frame 3 two)."""
     seq = synthetic_dance(frames=4, fps=8, width=64, height=64)
     poses = [chain.image_tensor(render_pose_map(k, 64, 64)) for k in seq.keypoints]
     gen = torch.Generator().manual_seed(1)
@@ -47,13 +54,13 @@ def make_jobs(chain: FrameChain, adapters=(None, None, None)) -> list[FrameJob]:
     prompts = ["a woman dancing", "a man in a blue suit", "a robot"]
     texts = [chain.encode_prompt(p, "blurry") for p in prompts]
     return [
-        FrameJob(0, 11, poses[0], texts[0], settings(), adapter=adapters[0]),
+        FrameJob(0, 11, poses[0], texts[0], settings(steps=steps), adapter=adapters[0]),
         FrameJob(
             1,
             22,
             poses[1],
             texts[1],
-            settings(guidance=3.0),
+            settings(steps=steps, guidance=3.0),
             previous=anchor,
             anchor=anchor,
             adapter=adapters[1],
@@ -63,7 +70,7 @@ def make_jobs(chain: FrameChain, adapters=(None, None, None)) -> list[FrameJob]:
             33,
             poses[3],
             texts[2],
-            settings(),
+            settings(steps=steps),
             previous=Reference(2, latent(), poses[2]),
             anchor=anchor,
             adapter=adapters[2],
@@ -81,7 +88,7 @@ def test_mixed_batch_equals_alone_within_tolerance(tiny_chain):
 
 def test_padded_batches_are_bit_identical(tiny_chain):
     jobs = make_jobs(tiny_chain)
-    denoiser = BatchDenoiser(tiny_chain, pad_rows=12)
+    denoiser = BatchDenoiser(tiny_chain, pad_rows=12, padding="max")
     mixed = denoiser.denoise(jobs)
     reordered = denoiser.denoise([jobs[2], jobs[0]])
     for job, got in zip(jobs, mixed, strict=True):
@@ -91,7 +98,7 @@ def test_padded_batches_are_bit_identical(tiny_chain):
 
 def test_per_sample_lora_in_one_batch(lora_chain):
     jobs = make_jobs(lora_chain, adapters=("a", None, "b"))
-    denoiser = BatchDenoiser(lora_chain, pad_rows=12)
+    denoiser = BatchDenoiser(lora_chain, pad_rows=12, padding="max")
     mixed = denoiser.denoise(jobs)
     for job, got in zip(jobs, mixed, strict=True):
         assert torch.equal(got, denoiser.denoise([job])[0])
@@ -125,3 +132,45 @@ def test_row_results_depend_on_batch_size_only(tiny_components):
 
     assert torch.equal(row([a, b, c], 0), row([c, b, a], 2))
     assert torch.equal(row([a, b, c], 0), row([a, c, c], 0))
+
+
+# -- padding policy ---------------------------------------------------------------------------
+
+
+def test_padded_rows_policies():
+    assert [padded_rows(n, "bucket", 32) for n in (1, 2, 3, 4, 5, 9, 17, 32)] == [
+        1, 2, 4, 4, 8, 16, 32, 32,
+    ]  # fmt: skip
+    assert [padded_rows(n, "bucket", 12) for n in (3, 5, 9, 12)] == [4, 8, 12, 12]
+    assert [padded_rows(n, "max", 16) for n in (1, 7, 16)] == [16, 16, 16]
+    assert [padded_rows(n, "none", 16) for n in (1, 7, 16)] == [1, 7, 16]
+    assert rows_per_frame("kv") == 4 and rows_per_frame("latent") == 2
+    for bad in (0, 17):
+        with pytest.raises(ValueError, match="capacity"):
+            padded_rows(bad, "bucket", 16)
+
+
+def test_bucket_padding_is_bitwise_within_a_bucket(tiny_chain):
+    """Frame 3 (4 rows) with frame 0 (2 rows) or with frame 1 (3 rows): 6 and 7 rows, both padded
+    to the 8-row bucket → bit-identical. Alone (4-row bucket) it is equal within 1e-4 only."""
+    j0, j1, j3 = make_jobs(tiny_chain)
+    bucket = BatchDenoiser(tiny_chain, pad_rows=16, padding="bucket")
+    with_0 = bucket.denoise([j0, j3])[1]
+    with_1 = bucket.denoise([j3, j1])[0]
+    assert torch.equal(with_0, with_1)
+    alone = bucket.denoise([j3])[0]
+    torch.testing.assert_close(alone, with_0, atol=1e-4, rtol=1e-4)
+
+
+def test_bucket_padding_costs_nothing_for_a_power_of_two(tiny_chain, monkeypatch):
+    """The rows each forward pass really runs under each policy (a lone frame: 2 rows)."""
+    seen: list[int] = []
+    unet = tiny_chain.parts.unet
+    hook = unet.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[0]))
+    try:
+        job = make_jobs(tiny_chain, steps=2)[0]
+        for policy in ("none", "bucket", "max"):
+            BatchDenoiser(tiny_chain, pad_rows=16, padding=policy).denoise([job])
+    finally:
+        hook.remove()
+    assert seen == [2, 2, 2, 2, 16, 16]

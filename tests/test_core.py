@@ -241,3 +241,49 @@ def test_sigkilled_core_resumes_every_render_exactly(tmp_path: Path, chain):
         killed, ref = frames(store / f"r{i}", 6), frames(tmp_path / "clean" / f"r{i}", 6)
         assert np.array_equal(killed, ref), f"r{i}: max diff {np.abs(killed - ref).max()}"
         assert probe_video(store / f"r{i}" / "video.mp4")["frames"] == 6
+
+
+def _partial(root: Path, config, chain, frames_wanted: int) -> None:
+    """Run a render until ``frames_wanted`` frames are persisted, then drop the core (a crash)."""
+    core = core_at(root, config, chain)
+    core.submit(config, id="r")
+    deadline = time.monotonic() + 300
+    while core.get("r").frames_done < frames_wanted:
+        assert time.monotonic() < deadline
+        core.step()
+    core.close()
+
+
+def test_resume_reuses_the_refined_prompt_and_refuses_changed_inputs(tmp_path: Path, chain,
+                                                                    monkeypatch):  # fmt: skip
+    """A resumed render never asks the refiner again and reuses its plate; a supplied plate
+    whose content changed since the render started is refused, naming it."""
+    import engine.core.executor as executor_module
+    from engine.video import save_png
+
+    plate = tmp_path / "plate.png"
+    save_png(np.full((64, 64, 3), 90, np.uint8), plate)
+    config = spec(tmp_path, "alignment.background=true", f"plate={plate}", frames=6)
+    _partial(tmp_path / "a", config, chain, 2)
+
+    def no_refiner(*_args, **_kw):
+        raise AssertionError("the refiner was asked again on resume")
+
+    monkeypatch.setattr(executor_module, "refine_stage", no_refiner)
+    core = core_at(tmp_path / "a", config, chain)  # resumes "r" from the store
+    try:
+        core.run_until_idle(timeout_s=300)
+        assert core.get("r").state == "done", core.get("r").error
+    finally:
+        core.close()
+    monkeypatch.undo()
+    _partial(tmp_path / "b", config, chain, 2)
+    save_png(np.full((64, 64, 3), 200, np.uint8), plate)  # the user edits the plate
+    core = core_at(tmp_path / "b", config, chain)
+    try:
+        core.run_until_idle(timeout_s=300)
+        record = core.get("r")
+    finally:
+        core.close()
+    assert record.state == "failed" and record.error_kind == "input"
+    assert "plate_file" in record.error and "changed" in record.error, record.error

@@ -13,7 +13,7 @@ from engine.models.tokenizer import build_offline_tokenizer
 
 
 def test_registry_and_tiny_components(tiny_components):
-    assert set(MODEL_REGISTRY) == {"tiny", "small", "sd15"}
+    assert set(MODEL_REGISTRY) == {"tiny", "small", "sd15", "sd15-random"}
     c = tiny_components
     assert c.vae_scale == 8 and c.unet.config.in_channels == 4
     assert c.text_encoder.config.vocab_size == len(c.tokenizer)
@@ -77,3 +77,31 @@ def test_a_folder_without_weights_is_named(tmp_path):
         build_components(
             ModelConfig(preset="sd15", device="cpu", base=str(tmp_path), controlnet=str(tmp_path))
         )
+
+
+def test_sd15_random_has_sd15s_architecture():
+    """Built on the meta device (no memory, <1 s): SD-1.5's published parameter counts."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
+
+    from engine.models.registry import SD15_UNET, SD15_VAE
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SD15_UNET)
+        controlnet = ControlNetModel(cross_attention_dim=768)
+        vae = AutoencoderKL(**SD15_VAE)
+    count = {k: sum(p.numel() for p in m.parameters()) for k, m in [("u", unet), ("v", vae)]}
+    assert count == {"u": 859_520_964, "v": 83_653_863}
+    assert 3.6e8 < sum(p.numel() for p in controlnet.parameters()) < 3.62e8
+    assert unet.config.sample_size * 8 == 512 and controlnet.config.block_out_channels == (
+        unet.config.block_out_channels
+    )
+
+
+def test_threads_auto_is_half_the_cores_at_least_one(monkeypatch):
+    from engine.models.registry import cpu_threads
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(2)))
+    assert cpu_threads(ModelConfig(threads=0)) == 1
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    assert cpu_threads(ModelConfig(threads=0)) == 8
+    assert cpu_threads(ModelConfig(threads=3)) == 3

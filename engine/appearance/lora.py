@@ -39,8 +39,35 @@ def lora_config(rank: int, alpha: float, targets: Sequence[str]) -> LoraConfig:
     )
 
 
-def _layers(module: nn.Module) -> list[BaseTunerLayer]:
-    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+_CACHE = "_avatar_lora_layers"
+
+
+def lora_layers(module: nn.Module) -> list[BaseTunerLayer]:
+    """peft's LoRA layers inside ``module``, cached on it: walking a UNet's thousands of modules
+    on every denoising step was the bulk of per-row LoRA's cost. :func:`add_lora` and
+    :func:`remove_lora` (the only injectors here) invalidate the cache."""
+    cached = module.__dict__.get(_CACHE)
+    if cached is None:
+        cached = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+        module.__dict__[_CACHE] = cached
+    return cached
+
+
+def _forget_layers(module: nn.Module) -> None:
+    module.__dict__.pop(_CACHE, None)
+    module.__dict__[_GENERATION] = lora_generation(module) + 1
+
+
+_GENERATION = "_avatar_lora_generation"
+
+
+def lora_generation(module: nn.Module) -> int:
+    """A counter bumped whenever :func:`add_lora` / :func:`remove_lora` change ``module``'s
+    adapters (compiled steps cache packed LoRA matrices by it)."""
+    return int(module.__dict__.get(_GENERATION, 0))
+
+
+_layers = lora_layers
 
 
 def loaded_adapters(module: nn.Module) -> list[str]:
@@ -72,12 +99,14 @@ def add_lora(module: nn.Module, config: LoraConfig, name: str) -> None:
             "remove_adapter() it first to replace it"
         )
     add = getattr(module, "add_adapter", None)
+    _forget_layers(module)
     with warnings.catch_warnings():  # several adapters on one model is the point here
         warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute")
         if add is not None:  # diffusers / transformers: also keeps their peft_config bookkeeping
             add(config, adapter_name=name)
         else:
             inject_adapter_in_model(config, module, adapter_name=name)
+    _forget_layers(module)
     activate_lora(module, name)
 
 
@@ -96,6 +125,7 @@ def remove_lora(module: nn.Module, name: str) -> None:
         config.pop(name, None)
     if not loaded_adapters(module):
         recurse_remove_peft_layers(module)
+        _forget_layers(module)
         if hasattr(module, "peft_config"):
             del module.peft_config
         if hasattr(module, "_hf_peft_config_loaded"):
@@ -197,29 +227,61 @@ def per_row_adapters(module: nn.Module, names: Sequence[str | None]) -> Iterator
     reaches the layers through diffusers' attention code. Every named adapter is made active for
     the block (a layer only applies active adapters) and the previous state is restored after.
     With classifier-free guidance the list covers every row of the batch, in batch order.
+
+    Cost per call (it runs on every denoising step): nothing when ``module`` has no LoRA; when no
+    row names an adapter, only a switch to the base model if an adapter is active; otherwise one
+    hook per LoRA layer, and an adapter switch only when the active set differs.
     """
     rows = [BASE if n is None else n for n in names]
     wanted = sorted({n for n in rows if n != BASE})
-    layers = _layers(module)
-    if not wanted:
-        with base_model(module):
-            yield
-        return
-    missing = set(wanted) - set(loaded_adapters(module))
+    layers = lora_layers(module)
+    missing = set(wanted) - set(loaded_adapters(module) if layers else ())
     if missing:
         raise ValueError(f"adapters {sorted(missing)} are not loaded on {type(module).__name__}")
-    state = snapshot(module)
+    if not layers:
+        yield
+        return
+    if not wanted:
+        with _switched(layers, None):
+            yield
+        return
 
     def inject(_: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
         return args, {**kwargs, "adapter_names": rows}
 
     hooks = [layer.register_forward_pre_hook(inject, with_kwargs=True) for layer in layers]  # type: ignore[attr-defined]
     try:
-        for layer in layers:
-            layer.enable_adapters(True)
-            layer.set_adapter(wanted, inference_mode=True)
-        yield
+        with _switched(layers, wanted):
+            yield
     finally:
         for hook in hooks:
             hook.remove()
-        restore(module, state)
+
+
+@contextmanager
+def _switched(layers: list[BaseTunerLayer], active: list[str] | None) -> Iterator[None]:
+    """Inside the block ``layers`` apply exactly ``active`` (None = adapters disabled); the
+    previous state is put back after. No-op when the state already matches."""
+    first = layers[0]
+    before = (list(first.active_adapters), not first.disable_adapters)
+    target = (active if active is not None else before[0], active is not None)
+    if (before[0] == target[0] or not target[1]) and before[1] == target[1]:
+        yield
+        return
+    _set_state(layers, *target)
+    try:
+        yield
+    finally:
+        _set_state(layers, *before)
+
+
+def _set_state(layers: list[BaseTunerLayer], active: list[str], enabled: bool) -> None:
+    """Activate ``active`` on every layer and enable or disable adapters.
+
+    Sets peft's two state fields directly (peft 0.21, pinned): its public setters also walk every
+    LoRA parameter to set ``requires_grad``, which cost ≈15 % of a tiny denoising step when done
+    twice per step. Inference adapters here are frozen once by :func:`_freeze` and stay frozen.
+    """
+    for layer in layers:
+        layer._active_adapter = list(active)  # type: ignore[attr-defined]
+        layer._disable_adapters = not enabled  # type: ignore[attr-defined]

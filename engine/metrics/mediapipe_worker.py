@@ -1,11 +1,13 @@
-"""MediaPipe Pose worker, run by :class:`engine.metrics.pose_mse.SubprocessPose` in a separate
+"""MediaPipe Pose worker, run by :class:`engine.pose.estimate.SubprocessPose` in a separate
 Python that has mediapipe 0.10.21 (it pins numpy<2, which this project's environment cannot).
 
 Standalone on purpose: it imports only numpy and mediapipe, never the engine. Protocol on
 stdin/stdout: it prints ``ready``; then for each request ``"H W\\n"`` + H·W·3 uint8 RGB bytes it
 prints one JSON line, ``null`` (no person) or 33 ``[x, y, visibility]`` normalised landmarks.
+Argument: ``--min-detection-confidence C`` (0..1, default 0.5), the person detector's threshold.
 """
 
+import argparse
 import json
 import sys
 
@@ -14,7 +16,14 @@ import numpy as np
 
 
 def main() -> None:
-    pose = mp.solutions.pose.Pose(static_image_mode=True, model_complexity=1)
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--min-detection-confidence", type=float, default=0.5)
+    args = parser.parse_args()
+    pose = mp.solutions.pose.Pose(
+        static_image_mode=True,
+        model_complexity=1,
+        min_detection_confidence=args.min_detection_confidence,
+    )
     out = sys.stdout
     out.write("ready\n")
     out.flush()

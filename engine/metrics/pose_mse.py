@@ -17,83 +17,52 @@ scale or normalisation, so our numbers are not directly comparable to it):
 
 Estimators follow the :class:`PoseEstimator` protocol. The offline default is MediaPipe Pose
 (``mediapipe==0.10.21`` ships its model in the wheel; ``model_complexity=1``), but it pins
-``numpy<2``, which conflicts with this project's numpy 2.x / OpenCV 5: it is the optional extra
-``[pose]``, to be installed in a separate environment, and is imported lazily. :class:`NoEstimator`
-(``none``) reports Pose MSE as null with the reason.
+``numpy<2``, which conflicts with this project's numpy 2.x / OpenCV 5: it runs in the separate
+``.venv-pose`` (``make pose-env``, part of ``make install``) or in-process when importable. The
+estimator is :mod:`engine.pose.estimate`, shared with pose extraction from driving RGB videos.
+:class:`NoEstimator` (``none``) reports Pose MSE as null with the reason.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Literal
 
 import numpy as np
 
+from engine.pose.estimate import (
+    MEDIAPIPE_MISSING,
+    MEDIAPIPE_TO_COCO18,
+    MediaPipeEstimator,
+    PoseEstimator,
+    PoseEstimatorError,
+    SubprocessPose,
+    landmarks_to_coco18,
+    pose_python,
+)
 from engine.pose.skeleton import NUM_JOINTS
+
+__all__ = [
+    "MEDIAPIPE_MISSING",
+    "MEDIAPIPE_TO_COCO18",
+    "POSE_MIN_CONFIDENCE",
+    "POSE_MSE_SCALE",
+    "MediaPipeEstimator",
+    "NoEstimator",
+    "PoseEstimator",
+    "PoseEstimatorError",
+    "SubprocessPose",
+    "frame_pose_mse",
+    "landmarks_to_coco18",
+    "make_estimator",
+    "pose_python",
+    "pose_scores",
+]
 
 POSE_MSE_SCALE = 1000.0
 POSE_MIN_CONFIDENCE = 0.5
 EstimatorName = Literal["auto", "none", "mediapipe"]
-
-# COCO-18 joint ← MediaPipe Pose landmark index (33 landmarks; left/right = the person's own, as
-# in OpenPose). The neck (COCO 1) has no landmark: it is the mid-point of the shoulders 11 / 12.
-MEDIAPIPE_TO_COCO18: dict[int, int] = {
-    0: 0,  # nose
-    2: 12,  # right_shoulder
-    3: 14,  # right_elbow
-    4: 16,  # right_wrist
-    5: 11,  # left_shoulder
-    6: 13,  # left_elbow
-    7: 15,  # left_wrist
-    8: 24,  # right_hip
-    9: 26,  # right_knee
-    10: 28,  # right_ankle
-    11: 23,  # left_hip
-    12: 25,  # left_knee
-    13: 27,  # left_ankle
-    14: 5,  # right_eye
-    15: 2,  # left_eye
-    16: 8,  # right_ear
-    17: 7,  # left_ear
-}
-NECK, MP_LEFT_SHOULDER, MP_RIGHT_SHOULDER = 1, 11, 12
-
-MEDIAPIPE_MISSING = (
-    "Pose MSE with the mediapipe estimator needs the optional extra [pose] "
-    "(pip install 'dancing-avatar[pose]', i.e. mediapipe==0.10.21). mediapipe 0.10.21 pins "
-    "numpy<2, which conflicts with this project's numpy 2.x and opencv 5: run `make pose-env` "
-    "(a separate .venv-pose the estimator calls into) or set AVATAR_POSE_PYTHON to a Python "
-    "with mediapipe, or use --estimator none (Pose MSE reported as null)"
-)
-
-
-class PoseEstimatorError(RuntimeError):
-    """A pose estimator cannot be built (missing optional dependency); the message names the fix."""
-
-
-@runtime_checkable
-class PoseEstimator(Protocol):
-    """Finds one person's COCO-18 keypoints in an image."""
-
-    name: str
-
-    def estimate(self, image: np.ndarray) -> np.ndarray | None:
-        """Keypoints of the most prominent person, or None when no person is found.
-
-        Args:
-            image: (H, W, 3) uint8 RGB, 0..255.
-
-        Returns:
-            (18, 3) float32 ``(x_px, y_px, confidence)`` in the image's pixel frame, confidence in
-            0..1 (0 = missing joint), or None.
-        """
-        ...
 
 
 @dataclass
@@ -105,121 +74,6 @@ class NoEstimator:
 
     def estimate(self, image: np.ndarray) -> np.ndarray | None:
         raise PoseEstimatorError(f"the 'none' estimator estimates nothing: {self.reason}")
-
-
-def landmarks_to_coco18(landmarks: Sequence[Any], width: int, height: int) -> np.ndarray:
-    """MediaPipe's 33 normalised pose landmarks → COCO-18 keypoints in pixels.
-
-    Args:
-        landmarks: 33 objects with ``x``, ``y`` (0..1 of the width / height, may lie outside) and
-            ``visibility`` (0..1), as in ``results.pose_landmarks.landmark``.
-        width, height: the image size in pixels.
-
-    Returns:
-        (18, 3) float32 ``(x_px, y_px, confidence)``; confidence = visibility (the neck: the
-        smaller of the two shoulders'), position of the neck = mid-point of the shoulders.
-    """
-    if len(landmarks) < 33:
-        raise ValueError(f"expected 33 MediaPipe pose landmarks, got {len(landmarks)}")
-    out = np.zeros((NUM_JOINTS, 3), np.float32)
-    for coco, mp_index in MEDIAPIPE_TO_COCO18.items():
-        lm = landmarks[mp_index]
-        out[coco] = (lm.x * width, lm.y * height, lm.visibility)
-    left, right = out[5], out[2]  # COCO left / right shoulder
-    out[NECK] = ((left[0] + right[0]) / 2, (left[1] + right[1]) / 2, min(left[2], right[2]))
-    out[:, 2] = np.clip(out[:, 2], 0.0, 1.0)
-    return out
-
-
-class MediaPipeEstimator:
-    """MediaPipe Pose (BlazePose, ``model_complexity=1``, whose model ships in the wheel).
-
-    Args:
-        pose: an object with ``process(image) -> result`` (``result.pose_landmarks`` None or with
-            ``.landmark``); default ``mediapipe.solutions.pose.Pose(static_image_mode=True,
-            model_complexity=1)``, imported lazily. Tests inject a fake.
-
-    Raises:
-        PoseEstimatorError: mediapipe is missing or unusable (see :data:`MEDIAPIPE_MISSING`).
-    """
-
-    name = "mediapipe"
-
-    def __init__(self, pose: Any | None = None, *, min_detection_confidence: float = 0.5) -> None:
-        if pose is None:
-            try:
-                import mediapipe as mp  # optional extra [pose]
-
-                pose = mp.solutions.pose.Pose(
-                    static_image_mode=True,
-                    model_complexity=1,
-                    min_detection_confidence=min_detection_confidence,
-                )
-            except (ImportError, AttributeError, RuntimeError, ValueError) as exc:
-                raise PoseEstimatorError(f"{MEDIAPIPE_MISSING} (cause: {exc})") from exc
-        self._pose = pose
-
-    def estimate(self, image: np.ndarray) -> np.ndarray | None:
-        """(18, 3) float32 keypoints in pixels, or None (no person); image (H, W, 3) uint8 RGB."""
-        result = self._pose.process(np.ascontiguousarray(image))
-        if result is None or getattr(result, "pose_landmarks", None) is None:
-            return None
-        height, width = image.shape[:2]
-        return landmarks_to_coco18(result.pose_landmarks.landmark, width, height)
-
-
-class SubprocessPose:
-    """MediaPipe Pose running in another Python (``make pose-env`` builds ``.venv-pose``, whose
-    numpy<2 cannot share this environment), driven over a pipe by ``mediapipe_worker.py``.
-    Same ``process(image)`` interface as ``mediapipe.solutions.pose.Pose``."""
-
-    def __init__(self, python: str) -> None:
-        worker = Path(__file__).with_name("mediapipe_worker.py")
-        self._proc = subprocess.Popen(
-            [python, "-u", str(worker)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-        if self._readline() != "ready":
-            raise PoseEstimatorError(f"the mediapipe worker in {python} did not start")
-
-    def _readline(self) -> str:
-        assert self._proc.stdout is not None
-        return self._proc.stdout.readline().decode().strip()
-
-    def process(self, image: np.ndarray) -> Any:
-        assert self._proc.stdin is not None
-        height, width = image.shape[:2]
-        self._proc.stdin.write(
-            f"{height} {width}\n".encode() + np.ascontiguousarray(image).tobytes()
-        )
-        self._proc.stdin.flush()
-        line = self._readline()
-        if not line:
-            raise PoseEstimatorError("the mediapipe worker exited while estimating a pose")
-        marks = json.loads(line)
-        if marks is None:
-            return SimpleNamespace(pose_landmarks=None)
-        landmark = [SimpleNamespace(x=x, y=y, visibility=v) for x, y, v in marks]
-        return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=landmark))
-
-    def close(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait(timeout=10)
-
-    def __del__(self) -> None:
-        self.close()
-
-
-def pose_python() -> str | None:
-    """A Python with mediapipe: ``$AVATAR_POSE_PYTHON``, else ``.venv-pose`` of the checkout."""
-    configured = os.environ.get("AVATAR_POSE_PYTHON")
-    if configured:
-        return configured
-    local = Path(__file__).resolve().parents[2] / ".venv-pose" / "bin" / "python"
-    return str(local) if local.exists() else None
 
 
 def _mediapipe() -> MediaPipeEstimator:
@@ -238,7 +92,8 @@ def make_estimator(name: EstimatorName = "auto") -> PoseEstimator:
 
     mediapipe is available when importable here or through a separate Python with it
     (:func:`pose_python`: ``$AVATAR_POSE_PYTHON`` or the ``.venv-pose`` that ``make pose-env``
-    builds).
+    builds). The estimator itself lives in :mod:`engine.pose.estimate` (shared with pose
+    extraction from RGB videos).
     """
     if name == "none":
         return NoEstimator()

@@ -56,6 +56,8 @@ class DiffusionComponents:
     dtype: torch.dtype
     name: str
     """Provenance: the preset and the weights' ids (recorded in manifests and cache keys)."""
+    backend: str = "eager"
+    """``model.backend``: how the denoise step runs (engine/accel, :func:`engine.accel.step_for`)."""
 
     @property
     def vae_scale(self) -> int:
@@ -90,6 +92,8 @@ def model_name(config: ModelConfig) -> str:
     """Provenance id of the components ``config`` builds (manifests, cache keys, fingerprints)."""
     if config.preset == "sd15":
         return f"sd15:{config.base}+{config.controlnet}"
+    if config.preset == "sd15-random":
+        return f"sd15-random-seed{config.seed}-{config.dtype}"
     return f"{config.preset}-random-seed{config.seed}"
 
 
@@ -155,20 +159,7 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
     arch = _ARCH[config.preset]
     torch.manual_seed(config.seed)
     tokenizer = build_offline_tokenizer()
-    text = arch["text"]
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["heads"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    text_encoder = _random_text_encoder(tokenizer, arch["text"])
     unet_kwargs = random_unet_kwargs(config.preset)
     unet = UNet2DConditionModel(**unet_kwargs)
     down_path = {
@@ -202,6 +193,70 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
             device=device,
             dtype=torch.float32,
             name=model_name(config),
+        )
+    )
+
+
+# SD-1.5's own architectures (the checkpoints' config.json files), for ``sd15-random``.
+SD15_UNET = {"cross_attention_dim": 768, "sample_size": 64}
+"""UNet2DConditionModel's defaults are SD-1.x's blocks (320/640/1280/1280, 2 layers, 8 heads)."""
+SD15_VAE: dict[str, Any] = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+}
+SD15_TEXT = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "heads": 12}
+"""CLIP ViT-L/14's text tower."""
+
+
+def build_sd15_random(config: ModelConfig) -> DiffusionComponents:
+    """SD-1.5 UNet, OpenPose ControlNet (lllyasviel's: conditioning channels 16/32/96/256), VAE
+    and CLIP ViT-L text encoder architectures with seeded random weights, in ``model.dtype``.
+
+    Speed does not depend on weight values: this measures the real model's cost anywhere.
+    """
+    torch.manual_seed(config.seed)
+    tokenizer = build_offline_tokenizer()
+    text_encoder = _random_text_encoder(tokenizer, SD15_TEXT)
+    unet = UNet2DConditionModel(**SD15_UNET)
+    controlnet = ControlNetModel(cross_attention_dim=768)
+    _activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
+    vae = AutoencoderKL(**SD15_VAE)
+    dtype = getattr(torch, config.dtype)
+    for module in (unet, controlnet, vae, text_encoder) if dtype != torch.float32 else ():
+        module.to(dtype)
+    return _finish(
+        DiffusionComponents(
+            unet=unet,
+            controlnet=controlnet,
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            scheduler=DDIMScheduler.from_config(SD_SCHEDULER),
+            device=resolve_device(config.device),
+            dtype=dtype,
+            name=model_name(config),
+        )
+    )
+
+
+def _random_text_encoder(tokenizer: CLIPTokenizer, text: dict[str, int]) -> CLIPTextModel:
+    """A random CLIP text encoder of the given width/depth over the offline tokenizer."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
+            num_attention_heads=text["heads"],
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
         )
     )
 
@@ -309,9 +364,25 @@ MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionComponents]] = {
     "tiny": build_random,
     "small": build_random,
     "sd15": load_sd15,
+    "sd15-random": build_sd15_random,
 }
 
 
+def cpu_threads(config: ModelConfig) -> int:
+    """``model.threads``, or for 0 (auto) half the cores this process may use, at least 1.
+
+    torch's default (every core) collapses when other processes share them: measured on the
+    2-core build machine with one core busy, see benchmarks/accel.py and README "Speed"."""
+    if config.threads:
+        return config.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // 2)
+
+
 def build_components(config: ModelConfig) -> DiffusionComponents:
-    """Build or load the components named by ``config.preset``."""
-    return MODEL_REGISTRY[config.preset](config)
+    """Build or load the components named by ``config.preset``; sets torch's CPU threads
+    (``model.threads``) for this process first and records ``model.backend`` on them."""
+    torch.set_num_threads(cpu_threads(config))
+    parts = MODEL_REGISTRY[config.preset](config)
+    parts.backend = config.backend
+    return parts

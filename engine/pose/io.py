@@ -5,8 +5,12 @@ Inputs, told apart by :func:`load_poses`:
 * our ``poses.json``: ``{"fps": float, "width": int, "height": int, "frames": [[[x, y, c] x 18] x F]}``;
 * OpenPose JSON (see :mod:`engine.pose.openpose`): one per-frame file, a file holding a JSON list
   of per-frame objects, or a folder of per-frame ``*.json`` files (sorted by name);
-* rendered OpenPose pose maps (see :mod:`engine.pose.video`): ``.mp4/.webm/.avi/.mov/.mkv``,
-  ``.gif``, a single ``.png/.jpg``, or a folder of ``.png/.jpg`` frames (sorted by name).
+* visual inputs: ``.mp4/.webm/.avi/.mov/.mkv``, ``.gif``, a single ``.png/.jpg``, or a folder of
+  ``.png/.jpg`` frames (natural order). Each is either a rendered OpenPose skeleton (decoded back
+  to keypoints, :mod:`engine.pose.video`) or an RGB video of a person (poses extracted with
+  MediaPipe Pose, :mod:`engine.pose.extract`, cached under the cache root). ``kind="auto"``
+  tells them apart from the first frames (:mod:`engine.pose.detect`); an RGB video is never
+  decoded as a skeleton.
 
 A folder holding both ``*.json`` and images is read as OpenPose JSON (OpenPose's ``--write_images``
 puts its renders next to the JSON).
@@ -14,24 +18,21 @@ puts its renders next to the JSON).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 
+from engine.pose.detect import PoseKind, detect_kind
+from engine.pose.estimate import PoseEstimator
+from engine.pose.extract import PoseExtractConfig, default_cache_root, extract_poses
+from engine.pose.frames import IMAGE_EXTS, VIDEO_EXTS, natural_key, open_frames
 from engine.pose.openpose import DEFAULT_FPS, openpose_sequence
 from engine.pose.sequence import PoseError, PoseSequence, resample, validate, zero_missing
 from engine.pose.skeleton import NUM_JOINTS
-from engine.pose.video import (
-    IMAGE_EXTS,
-    VIDEO_EXTS,
-    natural_key,
-    read_pose_frames,
-    read_pose_gif,
-    read_pose_video,
-    write_pose_video,
-)
+from engine.pose.video import decode_source, write_pose_video
 
 PathLike = str | os.PathLike[str]
 
@@ -128,25 +129,76 @@ def _load_json_file(
     )
 
 
-def _load_folder(
+def _load_json_folder(
     path: Path, fps: float | None, width: int | None, height: int | None, max_frames: int
-) -> PoseSequence:
+) -> PoseSequence | None:
+    """The folder's OpenPose ``*.json`` frames as a sequence; None when it holds no JSON."""
     entries = sorted((p for p in path.iterdir() if p.is_file()), key=lambda p: natural_key(p.name))
     jsons = [p for p in entries if p.suffix.lower() == ".json"]
-    if jsons:
-        if len(jsons) > max_frames:
-            raise PoseError(f"{path}: has {len(jsons)} frames, more than max_frames={max_frames}")
-        frames = [_read_json(p) for p in jsons]
-        names = [str(p) for p in jsons]
-        return openpose_sequence(
-            frames, names, source=str(path), fps=fps, width=width, height=height
+    if not jsons:
+        if not any(p.suffix.lower() in IMAGE_EXTS for p in entries):
+            raise PoseError(
+                f"{path}: folder holds no OpenPose *.json nor .png/.jpg frames; "
+                "point at the folder with the frames"
+            )
+        return None
+    if len(jsons) > max_frames:
+        raise PoseError(f"{path}: has {len(jsons)} frames, more than max_frames={max_frames}")
+    frames = [_read_json(p) for p in jsons]
+    names = [str(p) for p in jsons]
+    return openpose_sequence(frames, names, source=str(path), fps=fps, width=width, height=height)
+
+
+def load_visual(
+    path: Path,
+    *,
+    kind: PoseKind = "auto",
+    max_frames: int = 512,
+    fps: float = DEFAULT_FPS,
+    extraction: PoseExtractConfig | None = None,
+    cache_dir: Path | None = None,
+    estimator: PoseEstimator | None = None,
+) -> PoseSequence:
+    """A video, GIF, image or image folder: decoded as a skeleton or its poses extracted.
+
+    Args:
+        kind: ``auto`` (detect, :func:`~engine.pose.detect.detect_kind`), ``skeleton`` or ``rgb``.
+        fps: frame rate of inputs that carry none (images).
+        extraction, cache_dir, estimator: see :func:`~engine.pose.extract.extract_poses`.
+
+    Returns:
+        The sequence in the input's pixel frame; ``info`` records the kind (and detection).
+    """
+    source = open_frames(path, max_frames=max_frames, fps=fps)
+    frames = source.frames
+    record: dict[str, object] = {"kind": kind, "forced": kind != "auto"}
+    if kind == "auto":
+        detection, read = detect_kind(frames)
+        frames = itertools.chain(read, frames)
+        if detection.kind is None:
+            source.close()
+            raise PoseError(
+                f"{path}: its first {len(read)} frames are all black: neither a skeleton nor a "
+                "person to track; trim the black frames, or pass --kind skeleton / --kind rgb "
+                "(spec: pose_kind)"
+            )
+        kind = detection.kind
+        record = {"kind": kind, "forced": False, "detection": detection.record()}
+    if kind == "skeleton":
+        seq = decode_source(source, frames, max_frames=max_frames)
+        return PoseSequence(
+            seq.keypoints, seq.fps, seq.width, seq.height, source=seq.source, info=record
         )
-    images = [p for p in entries if p.suffix.lower() in IMAGE_EXTS]
-    if images:
-        return read_pose_frames(path, images, max_frames=max_frames, fps=fps or DEFAULT_FPS)
-    raise PoseError(
-        f"{path}: folder holds no OpenPose *.json nor .png/.jpg pose-map frames; "
-        "point at the folder with the frames"
+    seq = extract_poses(
+        source, frames, settings=extraction, estimator=estimator, cache_dir=cache_dir
+    )
+    return PoseSequence(
+        seq.keypoints,
+        seq.fps,
+        seq.width,
+        seq.height,
+        source=seq.source,
+        info={**record, **(seq.info or {})},
     )
 
 
@@ -157,6 +209,10 @@ def load_poses(
     fps: float | None = None,
     width: int | None = None,
     height: int | None = None,
+    kind: PoseKind = "auto",
+    extraction: PoseExtractConfig | None = None,
+    cache_dir: PathLike | None = None,
+    estimator: PoseEstimator | None = None,
 ) -> PoseSequence:
     """Load and validate a pose sequence from any supported input (see the module docstring).
 
@@ -169,32 +225,50 @@ def load_poses(
             :func:`~engine.pose.sequence.resample` or :func:`convert_poses` to change it.
         width, height: the pixel frame of OpenPose keypoints; default the JSON's canvas size, else
             the keypoint extent rounded up to a multiple of 8. Ignored for the other inputs.
+        kind: for visual inputs: ``auto`` (detect), ``skeleton`` (decode a rendered pose map) or
+            ``rgb`` (extract poses with MediaPipe Pose); keypoint files accept only ``auto``.
+        extraction: settings of the RGB extraction (default :class:`PoseExtractConfig`).
+        cache_dir: cache root (RGB extraction caches under ``<cache_dir>/poses``); default
+            ``$AVATAR_CACHE_DIR`` or ``~/.cache/dancing-avatar``. Renders pass
+            ``engine.method.cache_root(config)``.
+        estimator: the RGB pose estimator (default MediaPipe Pose); tests inject fakes.
 
     Returns:
-        A validated :class:`PoseSequence`, keypoints ``(F, 18, 3)`` float32, ``source=str(path)``.
+        A validated :class:`PoseSequence`, keypoints ``(F, 18, 3)`` float32, ``source=str(path)``,
+        in the input's pixel frame (``resample`` letterboxes it into a render size).
 
     Raises:
-        PoseError: missing/unreadable file, unknown extension, bad content; the message names the
-            file (and frame/joint) and the fix.
+        PoseError: missing/unreadable file, unknown extension, bad content, nobody detected in an
+            RGB video, the pose environment missing; the message names the file (and
+            frame/joint) and the fix.
     """
     path = Path(path)
     if not path.exists():
         raise PoseError(f"{path}: no such file or folder; check the path")
     ext = path.suffix.lower()
+    seq = None
     if path.is_dir():
-        seq = _load_folder(path, fps, width, height, max_frames)
+        seq = _load_json_folder(path, fps, width, height, max_frames)
     elif ext == ".json":
         seq = _load_json_file(path, fps, width, height)
-    elif ext in VIDEO_EXTS:
-        seq = read_pose_video(path, max_frames=max_frames, fps=fps or DEFAULT_FPS)
-    elif ext == ".gif":
-        seq = read_pose_gif(path, max_frames=max_frames, fps=fps or DEFAULT_FPS)
-    elif ext in IMAGE_EXTS:
-        seq = read_pose_frames(path.parent, [path], max_frames=max_frames, fps=fps or DEFAULT_FPS)
-        seq = PoseSequence(seq.keypoints, seq.fps, seq.width, seq.height, source=str(path))
-    else:
+    elif ext not in (*VIDEO_EXTS, ".gif", *IMAGE_EXTS):
         known = ", ".join((".json", *VIDEO_EXTS, ".gif", *IMAGE_EXTS))
         raise PoseError(f"{path}: unknown pose input type '{ext}'; give one of {known} or a folder")
+    if seq is not None and kind != "auto":
+        raise PoseError(
+            f"{path}: holds keypoints (JSON); kind={kind!r} (--kind / pose_kind) applies only to "
+            "videos, GIFs and images: leave it at auto"
+        )
+    if seq is None:
+        seq = load_visual(
+            path,
+            kind=kind,
+            max_frames=max_frames,
+            fps=fps or DEFAULT_FPS,
+            extraction=extraction,
+            cache_dir=Path(cache_dir) if cache_dir is not None else default_cache_root(),
+            estimator=estimator,
+        )
     validate(seq, max_frames=max_frames)
     return seq
 
@@ -210,6 +284,11 @@ def convert_poses(
     input_fps: float | None = None,
     input_width: int | None = None,
     input_height: int | None = None,
+    kind: PoseKind = "auto",
+    extraction: PoseExtractConfig | None = None,
+    cache_dir: PathLike | None = None,
+    estimator: PoseEstimator | None = None,
+    preview: PathLike | None = None,
 ) -> PoseSequence:
     """Load ``src``, optionally resample it, and write it to ``dst`` by extension.
 
@@ -218,13 +297,31 @@ def convert_poses(
     :func:`~engine.pose.sequence.resample`; the size is fitted with letterboxing); the ``input_*``
     arguments are passed to :func:`load_poses` as ``fps``/``width``/``height`` for inputs that do
     not carry them (OpenPose JSON, image frames). ``max_frames`` applies to the input and output.
+    ``kind``, ``extraction``, ``cache_dir``, ``estimator``: see :func:`load_poses`.
+    ``preview``: also write this ``.mp4``: the poses drawn over the input video (a visual input;
+    for keypoint files, the pose maps on black).
 
     Returns:
         The written (validated) sequence.
     """
     seq = load_poses(
-        src, max_frames=max_frames, fps=input_fps, width=input_width, height=input_height
+        src,
+        max_frames=max_frames,
+        fps=input_fps,
+        width=input_width,
+        height=input_height,
+        kind=kind,
+        extraction=extraction,
+        cache_dir=cache_dir,
+        estimator=estimator,
     )
+    if preview is not None:
+        from engine.pose.preview import write_preview
+
+        if seq.info is not None:  # a visual input: draw on its frames
+            write_preview(Path(src), seq, Path(preview), max_frames=max_frames)
+        else:
+            write_pose_video(seq, Path(preview))
     if fps is not None or width is not None or height is not None:
         seq = resample(seq, fps=fps, width=width, height=height)
         validate(seq, max_frames=max_frames)

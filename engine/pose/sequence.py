@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -38,6 +39,9 @@ class PoseSequence:
         width: width in pixels of the frame the keypoints live in.
         height: height in pixels of that frame.
         source: where the sequence came from (a path, or e.g. ``"synthetic_dance"``), used in errors.
+        info: JSON-ready record of how the keypoints were obtained, for the manifest (e.g. the
+            kind detected, the estimator, frames filled or left empty), or None. Kept by
+            :func:`resample`; frame indices in it are those of the input.
     """
 
     keypoints: np.ndarray
@@ -45,6 +49,7 @@ class PoseSequence:
     width: int
     height: int
     source: str = "<memory>"
+    info: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         kp = np.array(self.keypoints, dtype=np.float32, copy=True)
@@ -201,4 +206,6 @@ def resample(
     new_h = int(height) if height is not None else seq.height
     if (new_w, new_h) != (seq.width, seq.height):
         kp = _resample_space(kp, (seq.width, seq.height), (new_w, new_h))
-    return PoseSequence(kp, fps=new_fps, width=new_w, height=new_h, source=seq.source)
+    return PoseSequence(
+        kp, fps=new_fps, width=new_w, height=new_h, source=seq.source, info=seq.info
+    )

@@ -8,28 +8,36 @@ Pillow, frame folders are PNG files named ``frame_000000.png`` ...
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import imageio_ffmpeg
 import numpy as np
-from PIL import Image, ImageSequence, UnidentifiedImageError
+from PIL import Image
 
 from engine.pose.draw import decode_pose_map, render_pose_maps
+from engine.pose.frames import (
+    IMAGE_EXTS,
+    VIDEO_EXTS,
+    FrameSource,
+    natural_key,
+    open_gif,
+    open_images,
+    open_video,
+)
 from engine.pose.sequence import PoseError, PoseSequence, validate
 
-VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
-IMAGE_EXTS = (".png", ".jpg", ".jpeg")
+__all__ = [
+    "IMAGE_EXTS",
+    "VIDEO_EXTS",
+    "decode_source",
+    "natural_key",
+    "read_pose_frames",
+    "read_pose_gif",
+    "read_pose_video",
+    "write_pose_video",
+]
 MP4_CRF = 10
-# GIF delays are whole centiseconds; these frame rates are preferred when snapping a delay back.
-_COMMON_FPS = (8, 10, 12, 16, 24, 25, 30, 15, 20, 6, 5, 4, 2, 1)
-_GIF_FPS_COMMENT = re.compile(rb"fps=([0-9.]+)")
-
-
-def natural_key(name: str) -> list[object]:
-    """Sort key that orders ``frame_2.png`` before ``frame_10.png``."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
 def _decode_all(frames: Iterable[np.ndarray], path: Path, max_frames: int) -> np.ndarray:
@@ -46,78 +54,34 @@ def _decode_all(frames: Iterable[np.ndarray], path: Path, max_frames: int) -> np
     return np.stack(out)
 
 
+def decode_source(
+    source: FrameSource, frames: Iterable[np.ndarray] | None = None, *, max_frames: int = 512
+) -> PoseSequence:
+    """Decode the rendered pose maps of an opened input (``frames``: its frames, default
+    ``source.frames``) into a sequence at the source's fps and size."""
+    try:
+        kp = _decode_all(source.frames if frames is None else frames, source.path, max_frames)
+    finally:
+        source.close()
+    return PoseSequence(
+        kp, fps=source.fps, width=source.width, height=source.height, source=str(source.path)
+    )
+
+
 def read_pose_video(path: Path, *, max_frames: int = 512, fps: float = 8.0) -> PoseSequence:
     """Read a pose-map video (.mp4/.webm/.avi/...) with ffmpeg; fps and size come from the file.
 
     ``fps`` is used only when the file reports none. Returns keypoints ``(F, 18, 3)`` float32.
     """
-    try:
-        gen = imageio_ffmpeg.read_frames(str(path))
-        meta = next(gen)
-    except (OSError, RuntimeError, StopIteration) as exc:
-        raise PoseError(
-            f"{path}: ffmpeg cannot read it as a video ({exc}); check the file"
-        ) from exc
-    try:
-        width, height = (int(v) for v in meta["size"])
-        file_fps = float(meta.get("fps") or 0.0)
-
-        def frames() -> Iterator[np.ndarray]:
-            for buf in gen:
-                yield np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3)
-
-        kp = _decode_all(frames(), path, max_frames)
-    except PoseError:
-        raise
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise PoseError(f"{path}: decoding the video failed ({exc}); check the file") from exc
-    finally:
-        gen.close()
-    use_fps = file_fps if file_fps > 0 else fps
-    return PoseSequence(kp, fps=use_fps, width=width, height=height, source=str(path))
-
-
-def _gif_fps(base_ms: int) -> float:
-    """Frame rate for a GIF frame delay in ms, undoing the centisecond rounding of common rates."""
-    if 1000 % base_ms == 0:
-        return float(1000 // base_ms)
-    for fps in _COMMON_FPS:
-        exact_cs = 100.0 / fps
-        if base_ms in (int(exact_cs) * 10, round(exact_cs) * 10):
-            return float(fps)
-    return 1000.0 / base_ms
+    return decode_source(open_video(path, fps=fps), max_frames=max_frames)
 
 
 def read_pose_gif(path: Path, *, max_frames: int = 512, fps: float = 8.0) -> PoseSequence:
-    """Read an animated pose-map GIF.
+    """Read an animated pose-map GIF (frame rate: see :func:`engine.pose.frames.open_gif`).
 
-    The frame rate is our ``fps=`` comment when present, else from the shortest frame delay
-    (snapped to a common rate; ``fps`` if the GIF has no delays). Frames shown for several delays
-    (Pillow merges identical frames) are repeated. Returns keypoints ``(F, 18, 3)`` float32.
+    Returns keypoints ``(F, 18, 3)`` float32.
     """
-    frames: list[np.ndarray] = []
-    delays: list[int] = []
-    try:
-        with Image.open(path) as im:
-            comment = _GIF_FPS_COMMENT.search(im.info.get("comment", b"") or b"")
-            for frame in ImageSequence.Iterator(im):
-                if len(frames) >= max_frames:
-                    raise PoseError(f"{path}: has more than max_frames={max_frames} frames")
-                delays.append(int(frame.info.get("duration", 0) or 0))
-                frames.append(np.asarray(frame.convert("RGB")))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise PoseError(f"{path}: Pillow cannot read it as a GIF ({exc}); check the file") from exc
-    positive = [d for d in delays if d > 0]
-    base = min(positive) if positive else 0
-    if comment:
-        fps = float(comment.group(1))
-    elif base:
-        fps = _gif_fps(base)
-    repeats = [max(1, round(d / base)) if base else 1 for d in delays]
-    expanded = [f for f, r in zip(frames, repeats, strict=True) for _ in range(r)]
-    kp = _decode_all(expanded, path, max_frames)
-    height, width = frames[0].shape[:2]
-    return PoseSequence(kp, fps=fps, width=width, height=height, source=str(path))
+    return decode_source(open_gif(path, max_frames=max_frames, fps=fps), max_frames=max_frames)
 
 
 def read_pose_frames(
@@ -129,25 +93,7 @@ def read_pose_frames(
     """
     if len(files) > max_frames:
         raise PoseError(f"{path}: has {len(files)} frames, more than max_frames={max_frames}")
-    size: tuple[int, int] | None = None
-    images: list[np.ndarray] = []
-    for file in files:
-        try:
-            with Image.open(file) as im:
-                rgb = np.asarray(im.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise PoseError(f"{file}: cannot read it as an image ({exc}); check the file") from exc
-        if size is None:
-            size = (rgb.shape[1], rgb.shape[0])
-        elif (rgb.shape[1], rgb.shape[0]) != size:
-            raise PoseError(
-                f"{file}: is {rgb.shape[1]}x{rgb.shape[0]} but {files[0].name} is "
-                f"{size[0]}x{size[1]}; all frames must have the same size"
-            )
-        images.append(rgb)
-    kp = _decode_all(images, path, max_frames)
-    assert size is not None
-    return PoseSequence(kp, fps=fps, width=size[0], height=size[1], source=str(path))
+    return decode_source(open_images(path, files, fps=fps), max_frames=max_frames)
 
 
 def _write_mp4(seq: PoseSequence, path: Path) -> None:
