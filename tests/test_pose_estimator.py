@@ -109,3 +109,25 @@ def test_blank_frames_of_an_rgb_video_are_reported(tmp_path: Path):
         load_poses(video, extraction=PoseExtractConfig(max_gap=2), cache_dir=tmp_path)
     seq = load_poses(video, extraction=PoseExtractConfig(max_gap=3), cache_dir=tmp_path)
     assert seq.info["filled"] == [1, 2, 3] and seq.info["empty"] == []
+
+
+def test_avatar_render_takes_a_driving_rgb_video(tmp_path: Path):
+    """A real dance-video-like input goes straight into `avatar render` (spec `poses:`): the
+    poses are extracted (recorded in the manifest), never decoded as a skeleton."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    _write_mp4([_place(astronaut(), *m) for m in MOTION], tmp_path / "dance.mp4")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "prompt: an astronaut dancing\nposes: dance.mp4\nfps: 8\n"
+        f"sampler: {{steps: 2}}\ncache_dir: {tmp_path / 'cache'}\n"
+    )
+    result = CliRunner().invoke(app, ["render", str(spec), "--out", str(tmp_path / "o"), "-q"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    info = manifest["poses"]["info"]
+    assert info["kind"] == "rgb" and manifest["poses"]["frames"] == 3  # 8 frames at 24 fps → 8 fps

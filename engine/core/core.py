@@ -447,7 +447,8 @@ class EngineCore:
                 return
             self._finishing.discard(render_id)
             if self.store.get(render_id).final:  # type: ignore[union-attr]
-                continue  # cancelled while encoding
+                self.store.unlock(render_id)  # cancelled while encoding
+                continue
             if error is None:
                 self._end(render_id, "done")
             else:
@@ -474,9 +475,11 @@ class EngineCore:
         self._event(render_id, {"type": "state", "state": state, **fields})
 
     def _release(self, render_id: str) -> None:
-        live = self._live.get(render_id)
-        if live is not None:
-            live.latents.clear()
+        """Free everything held for a render that ended: its runtime state here, its scheduler
+        entry, the executor's sessions and adapters, and (once nothing writes) its folder lock."""
+        self._live.pop(render_id, None)
+        if render_id in self.scheduler.known() and self.scheduler.status(render_id).stage.final:
+            self.scheduler.forget(render_id)
         self.executor.release(render_id)
         if render_id not in self._finishing and render_id not in self._loading:
             self.store.unlock(render_id)

@@ -191,34 +191,32 @@ class InProcessExecutor(Executor):
         return self._prep_chain
 
     def _prepare(self, job: PrepareJob) -> None:
+        """refine → appearance → background, each announced and timed; any fault fails the
+        job with the stage it happened in."""
         seconds: dict[str, float] = {}
         stage = "refining"
-        try:
+
+        def run(name: str, key: str, fn: Any) -> Any:
+            nonlocal stage
+            stage = name
+            self._events.put(StageStarted(job.render_id, name))
             start = time.perf_counter()
-            self._events.put(StageStarted(job.render_id, stage))
-            refined = job.refined or refine_stage(job.config)
-            seconds["refine"] = time.perf_counter() - start
+            result = fn()
+            seconds[key] = time.perf_counter() - start
+            return result
+
+        try:
+            refined = run("refining", "refine", lambda: job.refined or refine_stage(job.config))
             adapter = job.adapter
             if job.needs_adapter:
-                stage = "training"
-                self._events.put(StageStarted(job.render_id, stage))
-                start = time.perf_counter()
-                adapter = appearance_stage(self._prepare_chain(), job.config, refined)
-                seconds["appearance"] = time.perf_counter() - start
+                chain = self._prepare_chain()
+                adapter = run("training", "appearance",
+                              lambda: appearance_stage(chain, job.config, refined))  # fmt: skip
             plate = job.plate
             if job.needs_plate:
-                stage = "background"
-                self._events.put(StageStarted(job.render_id, stage))
-                start = time.perf_counter()
-                plate = background_stage(
-                    self._prepare_chain(),
-                    self._plate_models,
-                    job.config,
-                    refined,
-                    job.keypoints0,
-                    adapter,
-                )
-                seconds["background"] = time.perf_counter() - start
+                chain, models = self._prepare_chain(), self._plate_models
+                plate = run("background", "background", lambda: background_stage(
+                    chain, models, job.config, refined, job.keypoints0, adapter))  # fmt: skip
             self._events.put(Prepared(job.render_id, refined, adapter, plate, seconds))
         except Exception as e:
             kind = classify(e)
