@@ -20,12 +20,12 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 from engine.config import ConfigError
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-STATES = (
+State = Literal[
     "queued",
     "refining",
     "training",
@@ -35,7 +35,9 @@ STATES = (
     "done",
     "failed",
     "cancelled",
-)
+]
+"""A render's life cycle (also the HTTP API's ``state``)."""
+STATES: tuple[str, ...] = get_args(State)
 FINAL_STATES = frozenset({"done", "failed", "cancelled"})
 
 _SCHEMA = """

@@ -1,0 +1,187 @@
+"""Settings of the render service (:class:`ServeArgs`) and its Ray Serve app builder.
+
+``cluster/deploy/serve.yaml`` references :func:`build_app` by ``import_path`` and passes
+``ServeArgs`` as ``args``; ``avatar serve`` builds the same app from a YAML of ``ServeArgs``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from engine.config import ConfigError, RenderConfig, load_config, preset_dict
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TokenConfig(_Base):
+    """One API token (its owner name scopes every render it submits)."""
+
+    name: str
+    """Owner name ([A-Za-z0-9_-]{1,32}); renders of one name are invisible to the others."""
+    sha256: str | None = None
+    """Hex SHA-256 of the token (preferred: the config never holds the secret)."""
+    token: str | None = None
+    """The token itself (hashed at load, never logged); use ``sha256`` in shared configs."""
+    max_concurrent: int | None = Field(default=None, ge=1, le=10_000)
+    """Unfinished renders this token may hold (None: ``quotas.max_concurrent``)."""
+    frames_per_day: int | None = Field(default=None, ge=1, le=10_000_000)
+    """Frames this token may submit per rolling 24 h (None: ``quotas.frames_per_day``)."""
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        if not NAME_PATTERN.match(value):
+            raise ValueError(f"token name {value!r}: use 1-32 characters of A-Z, a-z, 0-9, _, -")
+        return value
+
+
+class QuotaConfig(_Base):
+    """Default per-token quotas."""
+
+    max_concurrent: int = Field(default=8, ge=1, le=10_000)
+    """Unfinished (queued or running) renders one token may hold; past it → 429."""
+    frames_per_day: int = Field(default=5000, ge=1, le=10_000_000)
+    """Frames one token may submit per rolling 24 h; past it → 429 with Retry-After."""
+
+
+class LimitConfig(_Base):
+    """Limits on every size a request can set (past one → 413 or 422 naming the field)."""
+
+    max_body_bytes: int = Field(default=8 << 20, ge=1024, le=1 << 30)
+    """Largest request body (JSON or multipart with the pose upload)."""
+    max_frames: int = Field(default=64, ge=1, le=100_000)
+    """Most frames of one render (after resampling to its fps)."""
+    max_side: int = Field(default=512, ge=64, le=2048)
+    """Largest width or height in pixels."""
+    max_steps: int = Field(default=50, ge=1, le=1000)
+    """Most denoising steps per frame."""
+    max_prompt_chars: int = Field(default=500, ge=1, le=10_000)
+    """Longest prompt (and negative prompt)."""
+
+
+class IngressConfig(_Base):
+    """The HTTP ingress deployment (Ray Serve options)."""
+
+    replicas: int = Field(default=1, ge=1, le=64)
+    """Ingress replicas (CPU only; stateless)."""
+    max_ongoing_requests: int = Field(default=64, ge=1, le=10_000)
+    """Requests one replica works on at once (SSE streams count)."""
+    max_queued_requests: int = Field(default=128, ge=-1, le=100_000)
+    """Requests waiting for a replica before Serve answers 503 (-1: unbounded; don't)."""
+
+
+class ServeArgs(_Base):
+    """Everything the render service needs; the ``args`` of the Serve config's application."""
+
+    storage: Path = Path("out/serve")
+    """Storage root: the render store (renders.sqlite, one folder per render) and uploads."""
+    preset: str = "tiny"
+    """Preset of the engine (model, cluster settings) every render uses."""
+    presets: list[str] = Field(default_factory=lambda: ["tiny"])
+    """Presets a request may name for its defaults (size, steps); each must use the engine's
+    model, so a request can never choose a model."""
+    set: list[str] = Field(default_factory=list)
+    """Overrides of the engine settings, e.g. ``cluster.max_queued=200``."""
+    executor: Literal["ray", "inprocess"] = "ray"
+    """``ray``: resident model actors (RayExecutor); ``inprocess``: models in the engine replica."""
+    paused: bool = False
+    """Accept and store renders but never render them (maintenance, API fuzzing)."""
+    host: str = "127.0.0.1"
+    """HTTP host of ``avatar serve`` (Serve's proxy)."""
+    port: int = Field(default=8000, ge=1, le=65535)
+    """HTTP port of ``avatar serve``."""
+    auth: bool = True
+    """Require a bearer token (False: every caller is the owner ``anonymous``; local use only)."""
+    tokens: list[TokenConfig] = Field(default_factory=list)
+    """API tokens; more come from the environment variable ``tokens_env``."""
+    tokens_env: str = "AVATAR_SERVE_TOKENS"
+    """Environment variable with more tokens: ``name:token,name:token``."""
+    quotas: QuotaConfig = Field(default_factory=QuotaConfig)
+    limits: LimitConfig = Field(default_factory=LimitConfig)
+    ingress: IngressConfig = Field(default_factory=IngressConfig)
+    retry_after_s: int = Field(default=5, ge=1, le=3600)
+    """Retry-After of 503 answers (render queue full)."""
+    poll_s: float = Field(default=0.5, gt=0.0, le=10.0)
+    """How often an event stream looks for new progress events."""
+    stream_max_s: float = Field(default=3600.0, gt=0.0, le=86_400.0)
+    """An event stream ends after this long (clients reconnect with Last-Event-ID)."""
+
+    @property
+    def root(self) -> Path:
+        return self.storage.resolve()
+
+    def engine_config(self) -> RenderConfig:
+        """The engine settings; checks that every allowed preset uses the engine's model."""
+        config = load_config(None, preset=self.preset, overrides=self.set)
+        if not self.presets:
+            raise ConfigError("serve args: presets is empty; list at least the engine's preset")
+        mine = preset_dict(self.preset).get("model", {})
+        for name in self.presets:
+            if preset_dict(name).get("model", {}) != mine:
+                raise ConfigError(
+                    f"serve args: preset {name!r} uses another model than the engine's preset "
+                    f"{self.preset!r}; one service serves one model: drop it from presets"
+                )
+        return config
+
+
+def load_args(path: Path | None, **overrides: Any) -> ServeArgs:
+    """ServeArgs from a YAML file (a bare ServeArgs mapping, or a Serve config whose first
+    application's ``args`` are used), with keyword overrides on top."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as e:
+            raise ConfigError(f"serve config {path}: {e}") from None
+        if "applications" in raw:
+            data = dict(raw["applications"][0].get("args") or {})
+        else:
+            data = dict(raw)
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return ServeArgs.model_validate(data)
+    except ValueError as e:
+        raise ConfigError(f"serve config {path or '(defaults)'}: {e}") from None
+
+
+def build_app(args: dict[str, Any] | ServeArgs) -> Any:
+    """The Serve application: the HTTP ingress bound to the engine deployment."""
+    from cluster.serve.deployments import Engine, Ingress
+
+    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
+    args.engine_config()  # fail at deploy time, not in a replica
+    data = args.model_dump(mode="json")
+    data["storage"] = str(args.root)
+    engine = Engine.bind(data)
+    ing = args.ingress
+    return Ingress.options(
+        num_replicas=ing.replicas,
+        max_ongoing_requests=ing.max_ongoing_requests,
+        max_queued_requests=ing.max_queued_requests,
+    ).bind(engine, data)
+
+
+def env_tokens(args: ServeArgs) -> list[TokenConfig]:
+    """Tokens of the config plus those of ``args.tokens_env`` (``name:token,…``)."""
+    tokens = list(args.tokens)
+    raw = os.environ.get(args.tokens_env, "")
+    for i, item in enumerate(t for t in raw.split(",") if t.strip()):
+        name, sep, secret = item.strip().partition(":")
+        if not sep or not secret:
+            raise ConfigError(
+                f"${args.tokens_env}: entry {i} is not name:token (the token itself not shown)"
+            )
+        tokens.append(TokenConfig(name=name, token=secret))
+    return tokens
