@@ -211,14 +211,15 @@ def test_text_encoder_lora_and_a_supplied_plate_on_ray_match_in_process(tmp_path
     save_png(np.full((64, 64, 3), 90, np.uint8), plate)
     lora = ("alignment.intra_frame=true", "appearance.references=2", "appearance.steps=4",
             "appearance.train_text_encoder=true", "alignment.inter_frame=kv+latent")  # fmt: skip
-    slow = ("alignment.intra_frame=true", "appearance.references=4", "appearance.steps=80",
+    slow = ("alignment.intra_frame=true", "appearance.references=4", "appearance.steps=300",
             "alignment.background=true", f"plate={plate}", "seed=5")  # fmt: skip
     specs = {
-        "te": cfg(tmp_path, *lora),
         "plated": cfg(tmp_path, *slow),
-        "plain": cfg(tmp_path, "seed=6", "cluster.batch_wait_s=0", frames=3),
+        "plain": cfg(tmp_path, "seed=6", frames=3),
+        "te": cfg(tmp_path, *lora),
     }
-    core = EngineCore(specs["te"], RenderStore(tmp_path / "ray"), RayExecutor(specs["te"]))
+    engine = cfg(tmp_path, "cluster.max_preparing=3", "cluster.trainers=2")
+    core = EngineCore(engine, RenderStore(tmp_path / "ray"), RayExecutor(engine))
     try:
         records = run(core, specs)
         batches = core.stats["batches"]
