@@ -20,9 +20,7 @@ Typical use::
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
@@ -35,6 +33,7 @@ from PIL import Image
 from engine.chain import FrameChain, FrameSettings
 from engine.compose import composite, pose_body_mask, soften_mask
 from engine.config import BackgroundConfig, RenderConfig
+from engine.files import atomic_json
 from engine.models.registry import DiffusionComponents
 from engine.pose import render_pose_map
 from engine.refine import RefinedPrompt
@@ -574,9 +573,5 @@ def save_plate_result(result: PlateResult, out_dir: Path) -> dict[str, Path]:
             continue
         save_png(image, path)
         written[name] = path
-    path = out / "plate.json"
-    tmp = out / ".plate.json.tmp"
-    tmp.write_text(json.dumps(plate_record(result), indent=2))
-    os.replace(tmp, path)
-    written["json"] = path
+    written["json"] = atomic_json(out / "plate.json", plate_record(result))
     return written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,22 +16,31 @@ from typing import Any
 def atomic_write(path: str | Path, data: bytes | str) -> Path:
     """Write ``data`` to ``path`` atomically (temp sibling → fsync → ``os.replace``)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     payload = data.encode() if isinstance(data, str) else data
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with open(tmp, "wb") as file:
+        with os.fdopen(fd, "wb") as file:
             file.write(payload)
             file.flush()
             os.fsync(file.fileno())
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     return path
 
 
 def atomic_json(path: str | Path, value: Any) -> Path:
     """``value`` as indented JSON, written atomically."""
     return atomic_write(path, json.dumps(value, indent=2))
+
+
+def temp_sibling(path: str | Path) -> Path:
+    """A fresh temporary path beside ``path`` for a library that writes files itself (then
+    :func:`replace_with`)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    return Path(tmp)
 
 
 def replace_with(tmp: str | Path, path: str | Path) -> Path:

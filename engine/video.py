@@ -7,7 +7,6 @@ memory does not grow with the number of frames.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Generator, Iterable, Sequence
 from pathlib import Path
 from types import TracebackType
@@ -16,6 +15,8 @@ from typing import Any
 import imageio_ffmpeg
 import numpy as np
 from PIL import Image
+
+from engine.files import replace_with, temp_sibling
 
 
 class VideoWriter:
@@ -59,7 +60,7 @@ class VideoWriter:
         if self._gen is not None:
             self._gen.close()
             self._gen = None
-            os.replace(self._tmp, self.path)
+            replace_with(self._tmp, self.path)
 
     def __enter__(self) -> VideoWriter:
         return self
@@ -103,9 +104,12 @@ def read_video_frames(path: Path) -> Iterable[np.ndarray]:
 def save_png(image: np.ndarray, path: Path) -> None:
     """Write (H, W, 3) or (H, W) uint8 atomically (write a temporary file, then rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    tmp = temp_sibling(path)
+    try:
+        Image.fromarray(image).save(tmp, format="PNG")
+        replace_with(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_png(path: Path) -> np.ndarray:

@@ -28,9 +28,7 @@ Conventions (see the metric modules for the formulas):
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 import cv2
 import numpy as np
 
+from engine.files import atomic_json
 from engine.metrics.brisque import brisque
 from engine.metrics.inputs import MetricsError, ScoreInputs, load_render, load_video
 from engine.metrics.niqe import background_niqe, crop_to_mask, niqe
@@ -349,9 +348,7 @@ def write_report(result: dict[str, Any], out_dir: Path, *, plot: bool = True) ->
         from engine.metrics.plot import plot_metrics
 
         plot_metrics(result, out_dir / "metrics.png")
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_dir / "metrics.json")
+    atomic_json(out_dir / "metrics.json", result)
     return result
 
 

@@ -20,10 +20,10 @@ letterboxes it into the render size (portrait and landscape alike).
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +31,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from engine.files import atomic_write
 from engine.pose.estimate import (
     MODEL_COMPLEXITY,
     PoseEstimator,
@@ -102,15 +103,11 @@ def _load_cached(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
 def _save_cached(path: Path, keypoints: np.ndarray, detected: np.ndarray) -> None:
     """Atomic write (temp file + rename), so concurrent workers never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz.tmp")
+    buffer = io.BytesIO()
+    np.savez(buffer, keypoints=keypoints, detected=detected)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, keypoints=keypoints, detected=detected)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, buffer.getvalue())
     except OSError as exc:
-        Path(tmp).unlink(missing_ok=True)
         log.warning("cannot write the pose cache %s (%s); continuing without it", path, exc)
 
 

@@ -11,12 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from engine.files import atomic_write
 from engine.refine.openai_backend import SYSTEM_PROMPT
 from engine.refine.schema import RefinedPrompt, RefineRequest
 from engine.refine.tables import TABLES_DIGEST
@@ -75,16 +74,8 @@ class RefineCache:
 
         A failure to write is logged, never raised: the cache is an optimisation.
         """
-        tmp: str | None = None
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=self.directory, prefix=".tmp-", suffix=".json")
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(value.model_dump_json(indent=2))
-            os.replace(tmp, self.path(key))
-            tmp = None
+            atomic_write(self.path(key), value.model_dump_json(indent=2))
         except OSError as e:
             logger.warning("cannot write refine cache entry in %s (%s)", self.directory, e)
-        finally:
-            if tmp is not None:
-                Path(tmp).unlink(missing_ok=True)
