@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -113,10 +114,11 @@ class RayExecutor(Executor):
             lambda: BackgroundWorker.options(num_gpus=c.background_gpus, **opts).remote(model),  # type: ignore[attr-defined]
             c.backgrounds,
         )
+        tag = uuid.uuid4().hex[:8]  # named (findable by operators and fault tests), unique
         self.samplers = _Pool(
-            lambda: Sampler.options(num_gpus=c.sampler_gpus, **opts).remote(  # type: ignore[attr-defined]
-                model, c.max_batch, padding_policy(config)
-            ),
+            lambda: Sampler.options(  # type: ignore[attr-defined]
+                num_gpus=c.sampler_gpus, name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}", **opts
+            ).remote(model, c.max_batch, padding_policy(config)),
             c.samplers,
         )
         self._preps: dict[str, _Prep] = {}

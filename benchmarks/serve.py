@@ -112,19 +112,17 @@ def _fault(kind: str, args: Any) -> str:
         stop()
         start(args, ready_timeout_s=300)
         return "serve shutdown + start"
-    from ray.util.state import list_actors
-
-    name = "Sampler" if kind == "sampler" else "Ingress"
-    actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-              if name in (a.class_name or "")]  # fmt: skip
-    if not actors:
+    name = "avatar-sampler" if kind == "sampler" else "Ingress"
+    found = [a for a in ray.util.list_named_actors(all_namespaces=True) if name in a["name"]]
+    if not found:
         return f"no live {name} actor found"
+    handle = ray.get_actor(found[0]["name"], namespace=found[0]["namespace"])
     if kind == "sampler":
-        os.kill(actors[0].pid, signal.SIGKILL)
-        return f"SIGKILL Sampler pid {actors[0].pid}"
-    handle = ray.get_actor(actors[0].name, namespace=actors[0].ray_namespace)
+        pid = ray.get(handle.pid.remote(), timeout=60)
+        os.kill(pid, signal.SIGKILL)
+        return f"SIGKILL Sampler pid {pid}"
     ray.kill(handle, no_restart=True)
-    return f"killed ingress replica {actors[0].name}"
+    return f"killed ingress replica {found[0]['name']}"
 
 
 def _verify(run: Run, root: Path) -> dict[str, Any]:
