@@ -19,6 +19,7 @@ resumes every unfinished render from its last persisted frame.
 
 from __future__ import annotations
 
+import builtins
 import logging
 import queue
 import threading
@@ -100,7 +101,7 @@ class EngineCore:
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
-        self._inflight: dict[int, list[FrameRequest]] = {}
+        self._inflight: dict[int, builtins.list[FrameRequest]] = {}
         self._batch_serial = 0
         self._waiting_since: float | None = None
         self.stats: dict[str, Any] = {"batch_sizes": [], "batches": [], "retries": 0}
@@ -176,10 +177,10 @@ class EngineCore:
             raise UnknownRenderError(f"unknown render {render_id!r}")
         return record
 
-    def list(self, **filters: Any) -> list[RenderRecord]:
+    def list(self, **filters: Any) -> builtins.list[RenderRecord]:
         return self.store.list(**filters)
 
-    def events(self, render_id: str, after: int | None = None) -> list[dict[str, Any]]:
+    def events(self, render_id: str, after: int | None = None) -> builtins.list[dict[str, Any]]:
         """The render's progress events after sequence number ``after`` (replayable)."""
         self.get(render_id)
         return self.store.events(render_id, after)
@@ -296,7 +297,7 @@ class EngineCore:
             work = [self._live[r.render_id].work(r.index) for r in batch]
             self.executor.execute(self._batch_serial, work)
 
-    def _hold(self, batch: list[FrameRequest]) -> bool:
+    def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
         """Wait window: hold back a part-full batch while renders are still preparing (they
         would otherwise join one frame later, unbatched), at most ``cluster.batch_wait_s``."""
         c = self.config.cluster
@@ -338,7 +339,7 @@ class EngineCore:
             live.attempts = 0
             self.scheduler.prepared(live.id)
 
-    def _batch_done(self, batch: list[FrameRequest], done: BatchDone) -> None:
+    def _batch_done(self, batch: builtins.list[FrameRequest], done: BatchDone) -> None:
         live_peak = done.peak_rss_mb
         per_frame = done.seconds
         for outcome in done.outcomes:
@@ -359,7 +360,7 @@ class EngineCore:
             live.attempts = 0
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
 
-    def _batch_failed(self, batch: list[FrameRequest], failed: BatchFailed) -> None:
+    def _batch_failed(self, batch: builtins.list[FrameRequest], failed: BatchFailed) -> None:
         log.warning("batch of %d frames failed: %s", len(batch), failed.error)
         self.stats["retries"] += 1
         for request in batch:
@@ -371,7 +372,7 @@ class EngineCore:
         render_id: str,
         error: str,
         kind: str,
-        requests: list[FrameRequest] | None = None,
+        requests: builtins.list[FrameRequest] | None = None,
         *,
         prepare: bool = False,
     ) -> None:

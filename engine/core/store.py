@@ -12,6 +12,7 @@ claims more than the folder holds; the core re-derives the resume point from the
 
 from __future__ import annotations
 
+import builtins
 import json
 import re
 import secrets
@@ -250,9 +251,10 @@ class RenderStore:
         states: tuple[str, ...] | None = None,
         before: int | None = None,
         limit: int = 100,
-    ) -> list[RenderRecord]:
+    ) -> builtins.list[RenderRecord]:
         """Renders newest first; ``before`` is a ``seq`` cursor (exclusive)."""
-        where, args = [], []
+        where: builtins.list[str] = []
+        args: builtins.list[Any] = []
         if owner is not None:
             where.append("owner = ?")
             args.append(owner)
@@ -270,7 +272,7 @@ class RenderStore:
             ).fetchall()
         return [_record(r) for r in rows]
 
-    def unfinished(self) -> list[RenderRecord]:
+    def unfinished(self) -> builtins.list[RenderRecord]:
         """Renders not DONE / FAILED / CANCELLED, oldest first (what a new core resumes)."""
         finals = tuple(FINAL_STATES)
         with self._lock:
@@ -304,7 +306,7 @@ class RenderStore:
             )
         return int(seq)
 
-    def events(self, render_id: str, after: int | None = None) -> list[dict[str, Any]]:
+    def events(self, render_id: str, after: int | None = None) -> builtins.list[dict[str, Any]]:
         """The render's events with ``seq > after`` (all by default), in order."""
         with self._lock:
             rows = self._db.execute(

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from engine.appearance.train import AdapterWeights
-from engine.batching import BatchDenoiser, rows_per_frame
+from engine.batching import BatchDenoiser, decode_frames, rows_per_frame
 from engine.chain import FrameChain
 from engine.config import ModelConfig, RenderConfig
 from engine.core.faults import NonFiniteOutputError, classify
@@ -261,11 +261,12 @@ class SamplerState:
             capacity = self.max_batch * rows_per_frame(jobs[0].settings.inter_frame)
             denoiser = BatchDenoiser(self.chain, pad_rows=capacity, padding=self.padding)  # type: ignore[arg-type]
             latents = denoiser.denoise(jobs)
-            for i, latent in zip(rows, latents, strict=True):
-                outcomes[i] = self._finish(requests[i], latent)
+            frames = decode_frames(self.chain, latents, self.padding, self.max_batch)  # type: ignore[arg-type]
+            for i, latent, frame in zip(rows, latents, frames, strict=True):
+                outcomes[i] = self._finish(requests[i], latent, frame)
         return [outcomes[i] for i in range(len(requests))]
 
-    def _finish(self, r: FrameWork, latent: torch.Tensor) -> FrameOutcome:
+    def _finish(self, r: FrameWork, latent: torch.Tensor, frame: np.ndarray | None) -> FrameOutcome:
         try:
             if not torch.isfinite(latent).all():
                 raise NonFiniteOutputError(f"frame {r.index}: the model produced non-finite values")
@@ -274,7 +275,7 @@ class SamplerState:
                 r.render_id,
                 r.index,
                 latent=latent.float().cpu().numpy(),
-                frame=session.finish(r.index, latent),
+                frame=session.finish(r.index, latent, frame),
                 pose_map=session.pose_map(r.index),
                 mask=session.mask(r.index),
             )
