@@ -1,11 +1,15 @@
 """Denoise-step back-ends, per-row LoRA cost and CPU threads, measured on one machine in one run.
 
     python -m benchmarks.accel --preset tiny --rows 8 --backends eager,onnx,compile --threads
+    python -m benchmarks.accel --preset tiny --no-backends --compile-static   # minutes on 2 cores
 
-Prints a table and writes ``out/bench/accel-<preset>.json``. Step times are the mean of the
-faster half of ``--repeats`` timed calls after one warm-up (which also exports / compiles).
+Prints a table and writes ``out/bench/accel-<preset>.json``. Step times are the median CPU time
+(one thread) of ``--repeats`` interleaved calls after one warm-up (which also exports /
+compiles); the first call's wall time is reported apart.
 ``--threads`` times one whole frame (``--steps`` DDIM steps, CFG) with 1 thread and with torch's
 default, each with the machine idle and with a busy-loop process occupying one core.
+``--compile-static`` times torch.compile (``dynamic=False``, one shape) against eager. The eager
+rows include the pre-runtime-LoRA path (peft's per-row ``adapter_names``) for comparison.
 """
 
 from __future__ import annotations
@@ -15,16 +19,20 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from engine.accel import StepInputs, make_step
-from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config
+from engine.accel.graph import controlnet_unet
+from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config, per_row_adapters
 
 ADAPTERS = ("char0", "char1", "char2")
+MIXED = "3 adapters + base rows"
 
 
 def _inputs(parts, rows: int, adapters: list[str | None]) -> StepInputs:
@@ -45,17 +53,35 @@ def _inputs(parts, rows: int, adapters: list[str | None]) -> StepInputs:
     )
 
 
-def _time(fn, repeats: int) -> float:
+def _time(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Seconds per call of each of ``fns``: the median of ``repeats`` calls, taken in interleaved
+    rounds (a, b, a, b, …) and timed in CPU time of this thread (every step here runs on one
+    thread), so other processes competing for the cores do not inflate one side of a ratio."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
     with torch.no_grad():
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
+        for fn in fns.values():
             fn()
-            times.append(time.perf_counter() - start)
-    times.sort()
-    half = times[: max(1, repeats // 2)]
-    return sum(half) / len(half)
+        for _ in range(repeats):
+            for key, fn in fns.items():
+                start = time.thread_time()
+                fn()
+                times[key].append(time.thread_time() - start)
+    return {key: statistics.median(ts) for key, ts in times.items()}
+
+
+def _peft_per_row(parts, chain) -> Callable[[StepInputs], torch.Tensor]:
+    """The eager step as it was before runtime LoRA: peft's per-row ``adapter_names`` path."""
+
+    def run(i: StepInputs) -> torch.Tensor:
+        chain.context.ref_index, chain.context.include_self = i.ref_index, i.include_self
+        try:
+            with per_row_adapters(parts.unet, i.adapters):
+                args = (i.sample, i.timestep, i.text, i.pose, i.control_scale)
+                return controlnet_unet(parts.unet, parts.controlnet, *args)
+        finally:
+            chain.context.ref_index = None
+
+    return run
 
 
 def _load_adapters(unet: torch.nn.Module) -> None:
@@ -68,35 +94,90 @@ def _load_adapters(unet: torch.nn.Module) -> None:
 
 
 def bench_steps(preset: str, rows: int, backends: list[str], repeats: int) -> list[dict]:
-    """ms per step of each back-end, without LoRA and with a mixed batch of 3 adapters + base."""
+    """ms per step of each back-end: a UNet without LoRA, one with 3 adapters loaded running a
+    batch without adapters, and a mixed batch of 3 adapters + base rows, timed interleaved."""
+    from engine.chain import FrameChain
+    from engine.config import ModelConfig
+    from engine.models.registry import build_components
+
+    config = ModelConfig(preset=preset, device="cpu", threads=1)
+    parts, bare = build_components(config), build_components(config)  # bare: never gets LoRA
+    chain, bare_chain = FrameChain(parts), FrameChain(bare)
+    plain = _inputs(parts, rows, [None] * rows)
+    mixed = _inputs(parts, rows, [(*ADAPTERS, None)[i % 4] for i in range(rows)])
+    cache = Path(tempfile.mkdtemp(prefix="accel-bench-"))
+    steps = {b: make_step(b, parts, chain.context, cache_dir=cache) for b in backends}
+    bare_steps = {b: make_step(b, bare, bare_chain.context, cache_dir=cache) for b in backends}
+    _load_adapters(parts.unet)
+    results = []
+    for name, step in steps.items():
+        first = {}
+        for key, s, batch in (("bare", bare_steps[name], plain), ("mixed", step, mixed)):
+            start = time.perf_counter()
+            with torch.no_grad():
+                s(batch)  # export / compile happen here
+            first[key] = time.perf_counter() - start
+        fns = {
+            "bare": lambda s=bare_steps[name]: s(plain),
+            "plain": lambda s=step: s(plain),
+            "mixed": lambda s=step: s(mixed),
+        }
+        labels = [("bare", "no LoRA loaded"), ("plain", "LoRA loaded, no row uses it")]
+        labels.append(("mixed", MIXED))
+        if name == "eager":
+            peft = _peft_per_row(parts, chain)
+            fns["peft"] = lambda run=peft: run(mixed)
+            labels.append(("peft", MIXED + " (peft per-row)"))
+        ms = _time(fns, repeats)
+        for key, label in labels:
+            row = {"backend": name, "lora": label, "ms_per_step": ms[key] * 1e3}
+            results.append({**row, "first_s": first.get(key, 0.0)})
+    base = {r["backend"]: r["ms_per_step"] for r in results if r["lora"] == "no LoRA loaded"}
+    loaded = {r["backend"]: r["ms_per_step"] for r in results if r["lora"].startswith("LoRA")}
+    eager = base.get("eager")
+    for r in results:
+        r["vs_same_backend_no_lora"] = r["ms_per_step"] / base[r["backend"]]
+        r["vs_same_backend_loaded_unused"] = r["ms_per_step"] / loaded[r["backend"]]
+        r["vs_eager_no_lora"] = r["ms_per_step"] / eager if eager else None
+    return results
+
+
+def bench_compile(preset: str, rows: int, repeats: int) -> dict:
+    """torch.compile (inductor, ``dynamic=False``, one shape, no CUDA graphs) against eager on
+    one ``kv`` batch without LoRA: compile wall time, ms per step (CPU time), max abs error; then
+    the recompile a second batch size costs."""
+    from engine.accel.compile_step import CompileStep
     from engine.chain import FrameChain
     from engine.config import ModelConfig
     from engine.models.registry import build_components
 
     parts = build_components(ModelConfig(preset=preset, device="cpu", threads=1))
     chain = FrameChain(parts)
-    plain = _inputs(parts, rows, [None] * rows)
-    mixed = _inputs(parts, rows, [(*ADAPTERS, None)[i % 4] for i in range(rows)])
-    cache = Path(tempfile.mkdtemp(prefix="accel-bench-"))
-    steps = {b: make_step(b, parts, chain.context, cache_dir=cache) for b in backends}
-    results = []
-    for lora in ("no LoRA loaded", "LoRA loaded, no row uses it", "3 adapters + base rows"):
-        if lora.startswith("LoRA loaded"):
-            _load_adapters(parts.unet)
-        batch = mixed if lora.startswith("3") else plain
-        for name, step in steps.items():
-            start = time.perf_counter()
-            with torch.no_grad():
-                step(batch)  # export / compile happen here
-            first = time.perf_counter() - start
-            ms = _time(lambda s=step, b=batch: s(b), repeats) * 1e3
-            results.append({"backend": name, "lora": lora, "ms_per_step": ms, "first_s": first})
-    base = {r["backend"]: r["ms_per_step"] for r in results if r["lora"] == "no LoRA loaded"}
-    eager = base.get("eager")
-    for r in results:
-        r["vs_same_backend_no_lora"] = r["ms_per_step"] / base[r["backend"]]
-        r["vs_eager_no_lora"] = r["ms_per_step"] / eager if eager else None
-    return results
+    batch, other = (
+        _inputs(parts, rows, [None] * rows),
+        _inputs(parts, rows // 2, [None] * (rows // 2)),
+    )
+    eager, compiled = (
+        make_step("eager", parts, chain.context),
+        CompileStep(parts, chain.context, dynamic=False),
+    )
+    start = time.perf_counter()
+    with torch.no_grad():
+        err = (compiled(batch) - eager(batch)).abs().max().item()
+    compile_s = time.perf_counter() - start
+    ms = _time({"eager": lambda: eager(batch), "compile": lambda: compiled(batch)}, repeats)
+    start = time.perf_counter()
+    with torch.no_grad():
+        err2 = (compiled(other) - eager(other)).abs().max().item()
+    return {
+        "rows": rows,
+        "compile_s": compile_s,
+        "eager_ms": ms["eager"] * 1e3,
+        "compile_ms": ms["compile"] * 1e3,
+        "speedup": ms["eager"] / ms["compile"],
+        "max_abs_err": max(err, err2),
+        "recompile_s_other_batch": time.perf_counter() - start,
+    }
 
 
 def _busy(stop) -> None:
@@ -150,6 +231,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=8)
     p.add_argument("--backends", default="eager,onnx")
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--compile-static", action="store_true", help="also torch.compile static")
+    p.add_argument("--no-backends", action="store_true", help="skip the back-end table")
     p.add_argument("--threads", action="store_true", help="also measure CPU threads under load")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--out", type=Path, default=Path("out/bench"))
@@ -159,15 +242,28 @@ def main() -> None:
     )
     report: dict = {"machine": machine, "preset": args.preset, "rows": args.rows}
     print(f"# {machine}; preset {args.preset}, {args.rows} rows per step, 1 thread")
-    report["steps"] = bench_steps(args.preset, args.rows, args.backends.split(","), args.repeats)
+    backends = [] if args.no_backends else args.backends.split(",")
+    report["steps"] = (
+        bench_steps(args.preset, args.rows, backends, args.repeats) if backends else []
+    )
     print(
-        f"{'backend':8} {'LoRA':30} {'ms/step':>8} {'vs no LoRA':>10} {'vs eager':>8} {'1st s':>6}"
+        f"{'backend':8} {'LoRA':30} {'ms/step':>8} {'vs no LoRA':>10} {'vs unused':>9} "
+        f"{'vs eager':>8} {'1st s':>6}"
     )
     for r in report["steps"]:
         ve = f"{r['vs_eager_no_lora']:.2f}" if r["vs_eager_no_lora"] else "-"
         print(
             f"{r['backend']:8} {r['lora']:30} {r['ms_per_step']:8.1f} "
-            f"{r['vs_same_backend_no_lora']:10.3f} {ve:>8} {r['first_s']:6.1f}"
+            f"{r['vs_same_backend_no_lora']:10.3f} {r['vs_same_backend_loaded_unused']:9.3f} "
+            f"{ve:>8} {r['first_s']:6.1f}"
+        )
+    if args.compile_static:
+        report["compile_static"] = c = bench_compile(args.preset, args.rows, args.repeats)
+        print(
+            f"\n# torch.compile, dynamic=False, {c['rows']} rows: compile {c['compile_s']:.0f} s, "
+            f"{c['compile_ms']:.1f} vs eager {c['eager_ms']:.1f} ms/step ({c['speedup']:.2f}x), "
+            f"max abs err {c['max_abs_err']:.1e}, recompile for {c['rows'] // 2} rows "
+            f"{c['recompile_s_other_batch']:.0f} s"
         )
     if args.threads:
         report["threads"] = bench_threads(args.steps, frames=2)

@@ -3,7 +3,9 @@
 A character's chain is strictly sequential, so throughput comes from denoising frame t of A with
 frame t' of B in the same forward pass. Each frame keeps its own prompt, pose, guidance scale,
 timestep schedule (the ``latent`` mechanism starts later), reference frames (``kv``), background
-plate and appearance LoRA (per-row peft ``adapter_names``).
+plate and appearance LoRA (per row: one batched low-rank update per projection, engine/accel).
+Each frame also keeps its own solver (``sampler.scheduler``: DDIM, or DPM-Solver++ 2M whose
+multistep history is per frame).
 
 Determinism (what is bitwise and what is within a tolerance):
 
@@ -30,8 +32,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
+import numpy as np
 import torch
 
 from engine.chain import (
@@ -113,6 +116,8 @@ class _Run:
     ref_noise: list[torch.Tensor]
     generator: torch.Generator
     n_cur: int
+    solver: Any
+    """The scheduler stepping this frame (``FrameChain.solver``: DDIM shared, DPM++ its own)."""
     step: int = 0
     blend_steps: int = 0
     rows: list[int] = field(default_factory=list)
@@ -149,8 +154,7 @@ class BatchDenoiser:
             raise ValueError(
                 "jobs of one batch must share size and inter-frame mode; group them by signature()"
             )
-        schedule = self._schedule(jobs[0].settings.steps)  # equal steps: part of the signature
-        runs = [self._start(job, schedule) for job in jobs]
+        runs = [self._start(job) for job in jobs]
         while not all(r.done for r in runs):
             active = [r for r in runs if not r.done]
             eps = self._forward(active)
@@ -160,15 +164,14 @@ class BatchDenoiser:
 
     # -- setup -----------------------------------------------------------------------------
 
-    def _schedule(self, steps: int) -> torch.Tensor:
-        self.sched.set_timesteps(steps, device=self.chain.device)
-        return self.sched.timesteps.clone()
-
-    def _start(self, job: FrameJob, schedule: torch.Tensor) -> _Run:
+    def _start(self, job: FrameJob) -> _Run:
         s = job.settings
         _, _, height, width = job.pose.shape
         noise = self.chain.initial_noise(job.seed, job.index, height, width)
-        timesteps = schedule
+        solver = self.chain.solver(s.scheduler, s.steps)
+        if solver is self.sched:  # the shared DDIM: its step reads the step count
+            solver.set_timesteps(s.steps, device=self.chain.device)
+        timesteps = solver.timesteps.clone()
         latents = noise * self.sched.init_noise_sigma
         if "latent" in s.inter_frame and job.previous is not None:
             start = min(s.steps - round(s.steps * s.latent_strength), s.steps - 1)
@@ -184,6 +187,7 @@ class BatchDenoiser:
             ref_noise=[self.chain.initial_noise(job.seed, r.index, height, width) for r in refs],
             generator=torch.Generator().manual_seed(frame_seed(job.seed, job.index) ^ 0x5EED),
             n_cur=2 if s.guidance > 1.0 else 1,
+            solver=solver,
             blend_steps=round(s.blend_until * len(timesteps)),
         )
 
@@ -249,14 +253,18 @@ class BatchDenoiser:
         )
 
     def _advance(self, run: _Run, eps: torch.Tensor) -> None:
-        """Guidance, one DDIM step and background blending for one job."""
+        """Guidance, one solver step and background blending for one job."""
         e = eps[run.rows[0] : run.rows[-1] + 1]
         if run.n_cur == 2:
             e = e[:1] + run.job.settings.guidance * (e[1:] - e[:1])
         t = run.timesteps[run.step]
-        run.latents = self.sched.step(
-            e, t, run.latents, eta=run.job.settings.eta, generator=run.generator
-        ).prev_sample
+        if run.solver is self.sched:
+            step = self.sched.step(
+                e, t, run.latents, eta=run.job.settings.eta, generator=run.generator
+            )
+        else:  # DPM-Solver++ (deterministic): its own history of model outputs
+            step = run.solver.step(e, t, run.latents)
+        run.latents = step.prev_sample
         if run.job.background is not None and run.step < run.blend_steps:
             nxt = run.timesteps[run.step + 1 :][:1]
             run.latents = blend_background(
@@ -270,3 +278,21 @@ def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
     if rows == 0:
         return x
     return torch.cat([x, x.new_zeros((rows, *x.shape[1:]))])
+
+
+def decode_frames(
+    chain: FrameChain, latents: Sequence[torch.Tensor], padding: PadPolicy, max_frames: int
+) -> list[np.ndarray | None]:
+    """The frames of one batch's latents in one VAE call → (H, W, 3) uint8 each, None for a
+    non-finite latent (not decoded). The VAE batch is padded like the denoising batch
+    (:func:`padded_rows` over frames, capacity ``max_frames``), so under ``max`` or within a
+    bucket a frame's pixels are bitwise whatever else was decoded with it."""
+    finite = [i for i, x in enumerate(latents) if bool(torch.isfinite(x).all())]
+    out: list[np.ndarray | None] = [None] * len(latents)
+    if finite:
+        capacity = max(max_frames, len(finite))
+        rows = padded_rows(len(finite), padding, capacity)
+        frames = chain.decode_batch([latents[i] for i in finite], rows=rows)
+        for i, frame in zip(finite, frames, strict=True):
+            out[i] = frame
+    return out

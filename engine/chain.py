@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 from diffusers.configuration_utils import FrozenDict
 
 from engine.attention import (
@@ -60,6 +60,8 @@ class FrameSettings:
     kv_include_self: bool
     latent_strength: float
     blend_until: float
+    scheduler: str = "ddim"
+    """``ddim`` or ``dpmpp_2m`` (``sampler.scheduler``)."""
 
     @classmethod
     def from_config(cls, config: RenderConfig) -> FrameSettings:
@@ -74,6 +76,7 @@ class FrameSettings:
             kv_include_self=config.chain.kv_include_self,
             latent_strength=config.chain.latent_strength,
             blend_until=config.chain.blend_until,
+            scheduler=config.sampler.scheduler,
         )
 
 
@@ -106,9 +109,29 @@ class FrameChain:
         self.context = CrossFrameContext()
         install_cross_frame_attention(components.unet, self.context, attention)
         install_attention_backend(components.controlnet, attention)
-        self.scheduler = DDIMScheduler.from_config(
-            fix_legacy_scheduler_config(components.scheduler)
-        )
+        config = fix_legacy_scheduler_config(components.scheduler)
+        self.scheduler = DDIMScheduler.from_config(config)
+        """DDIM: stateless per step, shared by every frame; also the noiser of every schedule
+        (``add_noise`` from the same ᾱ_t as every solver here)."""
+        self._solvers: dict[tuple[str, int], Any] = {}
+        self._solver_config = config
+
+    def solver(self, kind: str, steps: int) -> Any:
+        """The scheduler stepping one frame of ``steps`` steps: the shared DDIM for ``ddim``;
+        for ``dpmpp_2m`` a fresh DPM-Solver++ 2M (a multistep solver keeps the previous model
+        outputs and its step index: one instance per frame), timesteps set."""
+        if kind == "ddim":
+            return self.scheduler
+        if kind != "dpmpp_2m":
+            raise ValueError(f"sampler.scheduler={kind!r}: use ddim or dpmpp_2m")
+        template = self._solvers.get((kind, steps))
+        if template is None:
+            template = DPMSolverMultistepScheduler.from_config(
+                self._solver_config, algorithm_type="dpmsolver++", solver_order=2
+            )
+            template.set_timesteps(steps, device=self.device)
+            self._solvers[(kind, steps)] = template
+        return copy.deepcopy(template)
 
     @property
     def device(self) -> torch.device:
@@ -144,9 +167,26 @@ class FrameChain:
     @torch.no_grad()
     def decode(self, latent: torch.Tensor) -> np.ndarray:
         """(1, 4, h, w) VAE-scaled latent → (H, W, 3) uint8 RGB."""
-        image = self.parts.vae.decode(latent / self.parts.vae.config.scaling_factor).sample
-        image = ((image[0].float().clamp(-1, 1) + 1.0) * 127.5).round()
-        return image.permute(1, 2, 0).to(torch.uint8).cpu().numpy()
+        return self.decode_batch([latent])[0]
+
+    @torch.no_grad()
+    def decode_batch(
+        self, latents: list[torch.Tensor], rows: int | None = None
+    ) -> list[np.ndarray]:
+        """(1, 4, h, w) VAE-scaled latents of one size → (H, W, 3) uint8 RGB each, in one VAE
+        call padded with zero latents to ``rows`` (None = no padding).
+
+        A frame's pixels do not depend on the other rows' content, but a VAE batch of another
+        size may round differently (convolution blockings per shape): measured on tiny/small,
+        frames decoded 4-8 at a time vs alone differ by at most 1 grey level on < 0.01 % of the
+        pixels. Padding to a fixed row count (the batch padding policy) keeps them bitwise.
+        """
+        x = torch.cat(latents) / self.parts.vae.config.scaling_factor
+        if rows is not None and rows > len(latents):
+            x = torch.cat([x, x.new_zeros((rows - len(latents), *x.shape[1:]))])
+        images = ((self.parts.vae.decode(x).sample.float().clamp(-1, 1) + 1.0) * 127.5).round()
+        images = images[: len(latents)].permute(0, 2, 3, 1).to(torch.uint8).cpu().numpy()
+        return list(images)
 
     def initial_noise(self, seed: int, index: int, height: int, width: int) -> torch.Tensor:
         """(1, 4, h, w) standard normal noise of frame ``index`` (CPU generator: reproducible)."""

@@ -76,13 +76,25 @@ class SamplerConfig(_Base):
     """The denoising loop of one frame."""
 
     steps: int = Field(default=20, ge=1, le=1000)
-    """Number of DDIM denoising steps per frame."""
+    """Number of denoising steps per frame."""
     guidance: float = Field(default=7.5, ge=1.0, le=50.0)
     """Classifier-free guidance scale (1 disables the unconditional pass)."""
     controlnet_scale: float = Field(default=1.0, ge=0.0, le=5.0)
     """Weight of the OpenPose ControlNet residuals."""
     eta: float = Field(default=0.0, ge=0.0, le=1.0)
-    """DDIM eta (0 = deterministic DDIM, 1 = DDPM-like)."""
+    """DDIM eta (0 = deterministic DDIM, 1 = DDPM-like); ``ddim`` only."""
+    scheduler: Literal["ddim", "dpmpp_2m"] = "ddim"
+    """Sampler: ``ddim``, or ``dpmpp_2m`` (DPM-Solver++ 2M, diffusers'
+    DPMSolverMultistepScheduler; comparable quality at about half the steps, see README "Speed")."""
+
+    @model_validator(mode="after")
+    def _eta_is_ddim_only(self) -> SamplerConfig:
+        if self.eta > 0 and self.scheduler != "ddim":
+            raise ValueError(
+                f"sampler.eta={self.eta} applies to sampler.scheduler=ddim only; set eta: 0 "
+                f"for {self.scheduler} (deterministic)"
+            )
+        return self
 
 
 InterFrame = Literal["kv", "latent", "kv+latent", "none"]

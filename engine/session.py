@@ -158,9 +158,14 @@ class CharacterChain:
             adapter=self.adapter,
         )
 
-    def finish(self, index: int, latent: torch.Tensor) -> np.ndarray:
-        """Decode frame ``index`` and composite it over the plate → (H, W, 3) uint8."""
-        frame = self.chain.decode(latent)
+    def finish(
+        self, index: int, latent: torch.Tensor, frame: np.ndarray | None = None
+    ) -> np.ndarray:
+        """Decode frame ``index`` (unless ``frame``, its decoded pixels, is given: a batch is
+        decoded in one VAE call, :func:`engine.batching.decode_frames`) and composite it over
+        the plate → (H, W, 3) uint8."""
+        if frame is None:
+            frame = self.chain.decode(latent)
         mask = self.mask(index)
         if self.plate is not None and mask is not None:
             frame = composite(frame, self.plate, mask)

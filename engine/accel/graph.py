@@ -133,17 +133,55 @@ def pack_adapters(
     return lora_a, lora_b, index.to(ref.device)
 
 
-class _RuntimeLora:
-    """Forward hooks adding ``(x · A[idx]ᵀ) · B[idx]ᵀ`` to each slot's output while armed."""
+def select_lora(
+    inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    slot: LoraSlot,
+    rank: int,
+    oa: int,
+    ob: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's A and B of one slot: ``(Aᵀ[idx] (B, in, r), Bᵀ[idx] (B, r, out))`` from the
+    packed ``(lora_a, lora_b, lora_index)`` (slot offsets ``oa``/``ob`` from the layout)."""
+    lora_a, lora_b, index = inputs
+    a = lora_a[:, oa : oa + rank * slot.in_features].reshape(-1, rank, slot.in_features)
+    b = lora_b[:, ob : ob + slot.out_features * rank].reshape(-1, slot.out_features, rank)
+    return a[index].transpose(1, 2), b[index].transpose(1, 2)
+
+
+def add_low_rank(x: torch.Tensor, out: torch.Tensor, at: torch.Tensor, bt: torch.Tensor):
+    """``out + (x · Aᵀ) · Bᵀ`` per row: x (B, …, in), out (B, …, out), at/bt from
+    :func:`select_lora`; two batched matmuls whatever the mix of adapters."""
+    rows = x.shape[0]
+    h = torch.bmm(x.reshape(rows, -1, at.shape[1]), at)  # (B, L, r)
+    return torch.baddbmm(out.reshape(rows, -1, bt.shape[2]), h, bt).reshape(out.shape)
+
+
+class RuntimeLora:
+    """Forward hooks adding ``(x · A[idx]ᵀ) · B[idx]ᵀ`` to each slot's output while armed.
+
+    The batched low-rank update of the compiled graphs (:class:`StepModule`), traced with the
+    rows selected inside the graph (:func:`select_lora`, :func:`add_low_rank`; the eager step runs
+    the same two functions, :class:`~engine.accel.step.EagerLora`). The slots' modules are
+    resolved once; :meth:`attach` / :meth:`close` add and remove the hooks, and :attr:`inputs`
+    arms them, or None (the hooks pass outputs through). Run the peft layers with adapters
+    disabled meanwhile.
+    """
 
     def __init__(self, unet: nn.Module, layout: LoraLayout):
         self.layout = layout
         self.inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        modules = dict(unet.named_modules())
-        self.hooks = [
-            modules[s.name].register_forward_hook(self._hook(s, oa, ob))
-            for s, (oa, ob) in zip(layout.slots, layout.offsets(), strict=True)
-        ]
+        """``(lora_a (N, Ta), lora_b (N, Tb), lora_index (B,) int64)`` (:func:`pack_adapters`)."""
+        self.modules = slot_modules(unet, layout)
+        self.hooks: list = []
+
+    def attach(self) -> RuntimeLora:
+        """Register the hooks (idempotent); returns self."""
+        if not self.hooks:
+            spans = zip(self.modules, self.layout.slots, self.layout.offsets(), strict=True)
+            self.hooks = [
+                m.register_forward_hook(self._hook(s, oa, ob)) for m, s, (oa, ob) in spans
+            ]
+        return self
 
     def _hook(self, slot: LoraSlot, oa: int, ob: int):
         r = self.layout.rank
@@ -151,22 +189,21 @@ class _RuntimeLora:
         def add_delta(_m: nn.Module, args: tuple, out: torch.Tensor) -> torch.Tensor | None:
             if self.inputs is None:
                 return None
-            lora_a, lora_b, index = self.inputs
-            a = lora_a[:, oa : oa + r * slot.in_features].reshape(-1, r, slot.in_features)
-            b = lora_b[:, ob : ob + slot.out_features * r].reshape(-1, slot.out_features, r)
-            x = args[0]
-            shape = x.shape
-            x = x.reshape(shape[0], -1, slot.in_features)  # (B, L, in)
-            h = torch.bmm(x, a[index].transpose(1, 2))  # (B, L, r)
-            delta = torch.bmm(h, b[index].transpose(1, 2))  # (B, L, out)
-            return out + delta.reshape(out.shape)
+            return add_low_rank(args[0], out, *select_lora(self.inputs, slot, r, oa, ob))
 
         return add_delta
 
     def close(self) -> None:
+        """Remove the hooks (:meth:`attach` adds them again)."""
         for hook in self.hooks:
             hook.remove()
         self.hooks = []
+
+
+def slot_modules(unet: nn.Module, layout: LoraLayout) -> list[nn.Module]:
+    """The module of each slot of ``layout`` (peft's LoRA layer, or the plain Linear)."""
+    modules = dict(unet.named_modules())
+    return [modules[s.name] for s in layout.slots]
 
 
 class StepModule(nn.Module):
@@ -196,7 +233,7 @@ class StepModule(nn.Module):
         self.context = context
         self.kv, self.include_self = kv, include_self
         self.layout = layout
-        self._lora = _RuntimeLora(unet, layout) if layout is not None else None
+        self._lora = RuntimeLora(unet, layout).attach() if layout is not None else None
 
     def input_names(self) -> list[str]:
         """Names of forward's tensor inputs, in order (the ONNX graph's inputs)."""

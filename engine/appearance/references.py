@@ -5,7 +5,8 @@ three-quarter, upper body, face; odd cycles mirrored) with the full-body prompt 
 the face close-up prompt (face view) of :meth:`RefinedPrompt.appearance_prompts`, seeded with
 ``frame_seed(appearance.seed, i)``. Any loaded LoRA is disabled while they are rendered, so the
 references always come from the base model. Prior-preservation class images are the same
-renders with the identifier removed from the prompts and other seeds.
+renders with the identifier removed from the prompts and other seeds. The K renders run as one
+batch (:data:`REFERENCE_BATCH` at a time).
 """
 
 from __future__ import annotations
@@ -17,11 +18,16 @@ from tqdm import tqdm
 
 from engine.appearance.lora import base_model
 from engine.appearance.poses import reference_pose, reference_views
+from engine.batching import BatchDenoiser, FrameJob
 from engine.chain import FrameChain, FrameSettings
 from engine.config import AppearanceConfig, SamplerConfig
 from engine.pose import render_pose_map
 from engine.refine import RefinedPrompt
 
+REFERENCE_BATCH = 8
+"""References denoised (and decoded) together in one batch: the K renders share every UNet pass
+(2 rows each with guidance). Batched vs one at a time they agree within the batching tolerance
+(engine/batching.py); tests/test_sampling.py states it."""
 PRIOR_INDEX_OFFSET = 1 << 20
 """Class image ``i`` is seeded as frame ``PRIOR_INDEX_OFFSET + i`` (disjoint from references)."""
 
@@ -58,6 +64,7 @@ def reference_settings(sampler: SamplerConfig | None = None) -> FrameSettings:
         kv_include_self=True,
         latent_strength=1.0,
         blend_until=0.0,
+        scheduler=s.scheduler,
     )
 
 
@@ -99,22 +106,19 @@ def synthesize_references(
     settings = reference_settings(sampler)
     prompts = reference_prompts(refined, config, prior=prior)
     offset = PRIOR_INDEX_OFFSET if prior else 0
-    texts = {}
-    images = []
+    images: list[np.ndarray] = []
     desc = "class images" if prior else "references"
     with base_model(chain.parts.unet, chain.parts.text_encoder):
-        for text in dict.fromkeys(prompts):
-            texts[text] = chain.encode_prompt(text, negative)
-        maps = reference_pose_maps(config)
-        for i, (prompt, pose_map) in enumerate(
-            tqdm(list(zip(prompts, maps, strict=True)), disable=not progress, desc=desc)
-        ):
-            latent = chain.denoise(
-                index=offset + i,
-                seed=config.seed,
-                pose=chain.image_tensor(pose_map),
-                text=texts[prompt],
-                settings=settings,
+        texts = {text: chain.encode_prompt(text, negative) for text in dict.fromkeys(prompts)}
+        jobs = [
+            FrameJob(offset + i, config.seed, chain.image_tensor(pose_map), texts[prompt], settings)
+            for i, (prompt, pose_map) in enumerate(
+                zip(prompts, reference_pose_maps(config), strict=True)
             )
-            images.append(chain.decode(latent))
+        ]
+        denoiser = BatchDenoiser(chain)
+        chunks = range(0, len(jobs), REFERENCE_BATCH)
+        for start in tqdm(chunks, disable=not progress, desc=desc):
+            latents = denoiser.denoise(jobs[start : start + REFERENCE_BATCH])
+            images += chain.decode_batch(latents)
     return images
