@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.exceptions import RayActorError, RayError, RayTaskError
+from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
 from actors.workers import AppearanceTrainer, BackgroundWorker, Refiner, Sampler
 from engine.config import RenderConfig
@@ -126,6 +126,7 @@ class RayExecutor(Executor):
         self._busy: dict[Any, tuple[int, int, float]] = {}  # ref → (sampler, batch, start)
         self._probes: dict[Any, tuple[_Pool, int]] = {}
         self._probing: set[tuple[int, int]] = set()
+        self._reprobes: list[tuple[float, _Pool, int]] = []
         self._events: list[Outcome] = []
         self._memory: dict[str, Any] = {"peak_rss_mb": 0.0, "sessions_bytes": {}}
         self.stats: dict[str, Any] = {"actor_failures": 0, "replaced_actors": 0}
@@ -212,6 +213,7 @@ class RayExecutor(Executor):
     # -- poll ---------------------------------------------------------------------------------
 
     def poll(self, timeout: float) -> list[Outcome]:
+        self._due_reprobes()
         refs = list(self._busy) + list(self._probes)
         owners = {}
         for render_id, prep in self._preps.items():
@@ -252,23 +254,34 @@ class RayExecutor(Executor):
         seconds = time.perf_counter() - start
         self._events.append(BatchDone(batch_id, outcomes, seconds, peak))
 
-    def _probe(self, pool: _Pool, slot: int) -> None:
+    def _probe(self, pool: _Pool, slot: int, *, again: bool = False) -> None:
         """Ask a failed actor for its pid: it answers once Ray restarted it; if it is dead for
-        good the probe fails and the slot gets a new actor."""
-        self.stats["actor_failures"] += 1
+        good (``ActorDiedError``) the slot gets a new actor. The slot takes no work meanwhile."""
+        if not again:
+            self.stats["actor_failures"] += 1
         self._probing.add((id(pool), slot))
         self._probes[pool.actors[slot].pid.remote()] = (pool, slot)
 
     def _collect_probe(self, ref: Any) -> None:
         pool, slot = self._probes.pop(ref)
-        self._probing.discard((id(pool), slot))
         try:
             ray.get(ref, timeout=60)
-        except RayError as e:
+        except ActorDiedError as e:
             log.warning("actor slot %d is dead for good (%s); starting a new one", slot, e)
             self.stats["replaced_actors"] += 1
             pool.actors[slot] = pool.make()
             pool.started += 1
+        except RayError:  # still restarting (ActorUnavailableError): ask again shortly
+            self._reprobes.append((time.monotonic() + 0.5, pool, slot))
+            return
+        self._probing.discard((id(pool), slot))
+
+    def _due_reprobes(self) -> None:
+        now = time.monotonic()
+        due = [r for r in self._reprobes if r[0] <= now]
+        self._reprobes = [r for r in self._reprobes if r[0] > now]
+        for _, pool, slot in due:
+            self._probe(pool, slot, again=True)
 
     # -- lifetime -----------------------------------------------------------------------------
 

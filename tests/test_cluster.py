@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -164,22 +165,41 @@ def test_sampler_killed_idle_and_busy_loses_nothing(tmp_path: Path):
         if len(kills) == 0 and event["frame"] == 0:  # the update phase: no batch in flight
             kills.append("idle")
             ray.kill(sampler, no_restart=False)
-        elif len(kills) == 1 and event["frame"] == 2:  # the next batch is submitted right after
+        elif len(kills) == 1 and event["frame"] == 2:
             kills.append("busy")
-            threading.Timer(0.5, lambda: ray.kill(sampler, no_restart=False)).start()
+            threading.Thread(target=kill_when_busy, args=(sampler,), daemon=True).start()
+
+    def kill_when_busy(sampler) -> None:  # the next batch is submitted right after this event
+        deadline = time.monotonic() + 60
+        while not executor._busy and time.monotonic() < deadline:
+            time.sleep(0.005)
+        ray.kill(sampler, no_restart=False)
 
     faulty = EngineCore(first, RenderStore(tmp_path / "faulty"), executor, on_event=on_event)
     try:
         records = run(faulty, specs)
-        sessions = ray.get(executor.samplers.actors[0].sessions.remote(), timeout=60)
+        sessions = _when_available(lambda: executor.samplers.actors[0].sessions.remote())
+        assert executor.stats["replaced_actors"] == 0  # restarted by Ray, not replaced
     finally:
         faulty.close()
     assert kills == ["idle", "busy"] and {r.state for r in records.values()} == {"done"}
-    assert faulty.stats["retries"] >= 1  # the busy kill cost a batch, retried
+    assert faulty.stats["retries"] >= 2  # each kill cost a batch, retried
     assert sessions == []  # every session closed when its render ended
     for rid in specs:
         assert np.array_equal(frames(tmp_path / "clean" / rid, 5),
                               frames(tmp_path / "faulty" / rid, 5)), rid  # fmt: skip
+
+
+def _when_available(call, timeout: float = 60.0):
+    """``ray.get(call())``, asked again while the actor is restarting."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(call(), timeout=timeout)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
 
 
 def test_failing_constructor_fails_the_render_after_the_retry_cap(tmp_path: Path):

@@ -100,7 +100,8 @@ class EngineCore:
         self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
-        self._finisher = ThreadPoolExecutor(1, thread_name_prefix="finish")
+        # Two finishers: the videos of renders that end together encode side by side (ffmpeg).
+        self._finisher = ThreadPoolExecutor(2, thread_name_prefix="finish")
         self._inflight: dict[int, builtins.list[FrameRequest]] = {}
         self._batch_serial = 0
         self._waiting_since: float | None = None
@@ -428,6 +429,7 @@ class EngineCore:
     def _finish(self, live: LiveRender) -> None:
         """Encode the outputs of a render whose frames are all persisted (finisher thread)."""
         self._finishing.add(live.id)
+        live.rendered_at = time.monotonic()
         self._set_state(live.id, "encoding", frames_done=live.frames)
         memory = self.executor.memory()
 

@@ -60,6 +60,8 @@ class LiveRender:
     peak_rss_mb: float = 0.0
     admitted: float = field(default_factory=time.monotonic)
     rendering_since: float | None = None
+    rendered_at: float | None = None
+    """When its last frame was persisted (the chain's end; encoding may queue after it)."""
 
     @property
     def frames(self) -> int:
@@ -242,16 +244,16 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
     """video.mp4, contact sheet, manifest.json (and metrics) of a render whose frames are all
     persisted (finisher thread)."""
     out, config, poses = live.out, live.config, live.poses
+    rendered = live.frames - live.start
+    chain_s = None
+    if live.rendering_since is not None and rendered:  # first batch → last frame persisted
+        chain_s = (live.rendered_at or time.monotonic()) - live.rendering_since
+        live.timings["chain"] = chain_s
     start = time.perf_counter()
     encode_video(out, poses, config)
     if config.output.contact_sheet:
         write_contact_sheet(out, poses, config.output.contact_sheet_frames)
     live.timings["outputs"] = time.perf_counter() - start
-    rendered = live.frames - live.start
-    chain_s = None
-    if live.rendering_since is not None and rendered:
-        chain_s = time.monotonic() - live.rendering_since
-        live.timings["chain"] = chain_s
     if live.refined is None and (out / "refined_prompt.json").is_file():
         live.refined = json.loads((out / "refined_prompt.json").read_text())
     stages = {"executor": executor, **live.stages}
