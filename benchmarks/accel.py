@@ -30,6 +30,7 @@ import torch
 from engine.accel import StepInputs, make_step
 from engine.accel.graph import controlnet_unet
 from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config, per_row_adapters
+from engine.batching import denoise_frame
 
 ADAPTERS = ("char0", "char1", "char2")
 MIXED = "3 adapters + base rows"
@@ -198,10 +199,10 @@ def _frame_seconds(threads: int, steps: int, frames: int) -> float:
     settings = FrameSettings.from_config(config)
     text = chain.encode_prompt("a dancer", "")
     pose = torch.rand(1, 3, 64, 64)
-    chain.denoise(index=0, seed=0, pose=pose, text=text, settings=settings)  # warm-up
+    denoise_frame(chain, index=0, seed=0, pose=pose, text=text, settings=settings)  # warm-up
     start = time.perf_counter()
     for i in range(frames):
-        chain.denoise(index=i, seed=0, pose=pose, text=text, settings=settings)
+        denoise_frame(chain, index=i, seed=0, pose=pose, text=text, settings=settings)
     return (time.perf_counter() - start) / frames
 
 

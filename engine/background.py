@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from engine.batching import denoise_frame
 from engine.chain import FrameChain, FrameSettings
 from engine.compose import composite, pose_body_mask, soften_mask
 from engine.config import BackgroundConfig, RenderConfig
@@ -374,7 +375,8 @@ def render_scene(
         (H, W, 3) uint8 RGB at config.width x config.height.
     """
     pose_map = render_pose_map(keypoints, config.width, config.height)
-    latent = chain.denoise(
+    latent = denoise_frame(
+        chain,
         index=0,
         seed=seed,
         pose=chain.image_tensor(pose_map),

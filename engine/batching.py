@@ -273,6 +273,31 @@ class BatchDenoiser:
         run.step += 1
 
 
+def denoise_frame(
+    chain: FrameChain,
+    *,
+    index: int,
+    seed: int,
+    pose: torch.Tensor,
+    text: torch.Tensor,
+    settings: FrameSettings,
+    previous: Reference | None = None,
+    anchor: Reference | None = None,
+    background: Background | None = None,
+    adapter: str | None = None,
+) -> torch.Tensor:
+    """Denoise frame ``index`` alone → its (1, 4, h, w) clean latent (a batch of one job).
+
+    Args:
+        pose: (1, 3, H, W) pose map in [0, 1]. text: (2, 77, D) from ``chain.encode_prompt``.
+        previous, anchor: finished frames t-1 and 0 (None for frame 0).
+        background: plate latent + latent person mask, or None for a free background.
+        adapter: appearance LoRA loaded on the UNet to apply, or None.
+    """
+    job = FrameJob(index, seed, pose, text, settings, previous, anchor, background, adapter)
+    return BatchDenoiser(chain).denoise([job])[0]
+
+
 def _pad(x: torch.Tensor, rows: int) -> torch.Tensor:
     """Append ``rows`` zero rows along dim 0 (padding rows never touch real rows' results)."""
     if rows == 0:

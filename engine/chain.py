@@ -209,32 +209,6 @@ class FrameChain:
             refs.append(previous)
         return refs
 
-    def denoise(
-        self,
-        *,
-        index: int,
-        seed: int,
-        pose: torch.Tensor,
-        text: torch.Tensor,
-        settings: FrameSettings,
-        previous: Reference | None = None,
-        anchor: Reference | None = None,
-        background: Background | None = None,
-        adapter: str | None = None,
-    ) -> torch.Tensor:
-        """Denoise frame ``index`` alone → its (1, 4, h, w) clean latent.
-
-        Args:
-            pose: (1, 3, H, W) pose map in [0, 1]. text: (2, 77, D) from :meth:`encode_prompt`.
-            previous, anchor: finished frames t-1 and 0 (None for frame 0).
-            background: plate latent + latent person mask, or None for a free background.
-            adapter: appearance LoRA loaded on the UNet to apply, or None.
-        """
-        from engine.batching import BatchDenoiser, FrameJob  # the one denoising loop
-
-        job = FrameJob(index, seed, pose, text, settings, previous, anchor, background, adapter)
-        return BatchDenoiser(self).denoise([job])[0]
-
 
 def fix_legacy_scheduler_config(scheduler: Any) -> dict[str, Any]:
     """A scheduler config with the fixes diffusers' SD pipelines apply to old SD-1.x checkpoints.

@@ -2,7 +2,8 @@
 
 The stages themselves run as executor work (:mod:`engine.core.work`); refinement always runs (the
 offline ``template`` backend by default) because the later stages consume its fine-grained
-prompts. Here: the cache root, prompt refinement with its errors, and a supplied plate image.
+prompts. Here: the cache root, the render's pose sequence, prompt refinement with its errors,
+and a supplied plate image.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import numpy as np
 from PIL import Image
 
 from engine.config import ConfigError, RenderConfig
+from engine.pose import PoseSequence, load_poses, resample, validate
 from engine.refine import RefinedPrompt, RefineError, refine
 
 log = logging.getLogger(__name__)
+
 
 def cache_root(config: RenderConfig) -> Path:
     """Root of the caches: ``cache_dir``, else ``$AVATAR_CACHE_DIR``, else ``~/.cache/dancing-avatar``."""
@@ -49,3 +52,19 @@ def load_plate(path: Path, width: int, height: int) -> np.ndarray:
     if img.size != (width, height):
         img = img.resize((width, height), Image.Resampling.LANCZOS)
     return np.asarray(img).copy()
+
+
+def prepare_poses(config: RenderConfig) -> PoseSequence:
+    """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
+    if config.poses is None:
+        raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
+    seq = load_poses(
+        config.poses,
+        max_frames=config.limits.max_frames,
+        kind=config.pose_kind,
+        extraction=config.pose_extraction,
+        cache_dir=cache_root(config),
+    )
+    seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
+    validate(seq, max_frames=config.limits.max_frames)
+    return seq

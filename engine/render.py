@@ -18,10 +18,9 @@ from tqdm import tqdm
 from engine.chain import FrameChain
 from engine.config import ConfigError, RenderConfig
 from engine.core import EngineCore, InProcessExecutor, RenderStore
-from engine.core.live import prepare_poses
 from engine.core.outputs import frames_persisted
 
-__all__ = ["RenderError", "RenderResult", "prepare_poses", "render"]
+__all__ = ["RenderError", "RenderResult", "render"]
 
 log = logging.getLogger(__name__)
 

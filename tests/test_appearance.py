@@ -39,6 +39,7 @@ from engine.appearance import (
     synthesize_references,
     train_appearance_lora,
 )
+from engine.batching import denoise_frame
 from engine.chain import FrameChain
 from engine.config import AppearanceConfig, ConfigError, ModelConfig, RefineConfig, SamplerConfig
 from engine.models.registry import DiffusionComponents, build_components
@@ -206,21 +207,21 @@ def test_saved_adapter_reloads_changes_output_and_disables_exactly(
     pose = chain.image_tensor(np.zeros((64, 64, 3), np.uint8))
     text = chain.encode_prompt("a photo of sks person", "")
     settings = reference_settings(SamplerConfig(steps=2))
-    frame_base = chain.denoise(index=0, seed=1, pose=pose, text=text, settings=settings)
+    frame_base = denoise_frame(chain, index=0, seed=1, pose=pose, text=text, settings=settings)
 
     assert load_adapter(parts.unet, folder, "character") == "character"
     assert active_adapter(parts.unet) == "character"
     with_lora = unet_out(parts)
     assert not torch.allclose(with_lora, base, atol=1e-4)
-    frame_lora = chain.denoise(
-        index=0, seed=1, pose=pose, text=text, settings=settings, adapter="character"
+    frame_lora = denoise_frame(
+        chain, index=0, seed=1, pose=pose, text=text, settings=settings, adapter="character"
     )
     assert not torch.equal(frame_lora, frame_base)  # through the frame chain's processors
     activate(parts.unet, None)
     assert active_adapter(parts.unet) is None
     assert torch.equal(unet_out(parts), base)
     assert torch.equal(
-        chain.denoise(index=0, seed=1, pose=pose, text=text, settings=settings), frame_base
+        denoise_frame(chain, index=0, seed=1, pose=pose, text=text, settings=settings), frame_base
     )
     activate(parts.unet, "character")
     assert torch.equal(unet_out(parts), with_lora)

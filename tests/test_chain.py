@@ -11,6 +11,7 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from engine.batching import denoise_frame
 from engine.chain import FrameSettings, frame_seed
 from engine.compose import person_mask
 from engine.pose import load_poses, render_pose_map
@@ -96,7 +97,9 @@ def test_pose_changes_the_frame(tiny_chain, dance_json):
     latents = []
     for index in (0, 2):
         pose = tiny_chain.image_tensor(render_pose_map(seq.keypoints[index] / 8, 64, 64))
-        latents.append(tiny_chain.denoise(index=0, seed=0, pose=pose, text=text, settings=settings))
+        latents.append(
+            denoise_frame(tiny_chain, index=0, seed=0, pose=pose, text=text, settings=settings)
+        )
     assert (latents[0] - latents[1]).abs().mean() > 1e-3
 
 
@@ -262,9 +265,9 @@ def test_legacy_scheduler_config_is_fixed_like_diffusers(dance_json):
     settings = FrameSettings.from_config(tiny_config(dance_json, "alignment.inter_frame=none"))
     pose = chain.image_tensor(render_pose_map(load_poses(dance_json).keypoints[0] / 8, 64, 64))
     text = chain.encode_prompt("a dancer", "")
-    got = chain.denoise(index=0, seed=1, pose=pose, text=text, settings=settings)
+    got = denoise_frame(chain, index=0, seed=1, pose=pose, text=text, settings=settings)
     modern = FrameChain(
         dataclasses.replace(parts, scheduler=DDIMScheduler.from_config(SD_SCHEDULER))
     )
-    want = modern.denoise(index=0, seed=1, pose=pose, text=text, settings=settings)
+    want = denoise_frame(modern, index=0, seed=1, pose=pose, text=text, settings=settings)
     assert torch.equal(got, want)

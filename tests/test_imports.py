@@ -46,3 +46,42 @@ def test_importing_the_engine_loads_no_ray():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
     )
     assert out.stdout.strip() == "False"
+
+
+def _engine_import_graph() -> dict[str, set[str]]:
+    """engine module → engine modules it imports (module level and inside functions)."""
+    root = Path(__file__).resolve().parents[1]
+    mods: dict[str, Path] = {}
+    for path in (root / "engine").rglob("*.py"):
+        name = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+        mods[name] = path
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for name, path in mods.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [s for s in subs if s in mods] or [node.module]
+            elif isinstance(node, ast.Import):
+                targets = [a.name for a in node.names]
+            else:
+                continue
+            graph[name] |= {t for t in targets if t in mods and t != name}
+    return graph
+
+
+def test_engine_has_no_import_cycles():
+    """No engine module reaches itself through imports, lazy ones included (chain ↔ batching and
+    render → metrics → render were such cycles)."""
+    graph = _engine_import_graph()
+    cycles = []
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module == start:
+                cycles.append(start)
+                break
+            if module not in seen:
+                seen.add(module)
+                todo.extend(graph[module])
+    assert cycles == [], f"modules on an import cycle: {sorted(cycles)}"

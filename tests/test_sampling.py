@@ -10,7 +10,7 @@ from diffusers import DPMSolverMultistepScheduler
 from test_batching import make_jobs, settings
 
 from engine.accel.graph import controlnet_unet
-from engine.batching import BatchDenoiser, FrameJob, decode_frames
+from engine.batching import BatchDenoiser, FrameJob, decode_frames, denoise_frame
 from engine.config import ConfigError, load_config
 
 TOL = 1e-5
@@ -143,7 +143,8 @@ def test_references_in_one_batch_match_one_at_a_time(tiny_chain):
     batched = synthesize_references(tiny_chain, refined, config, negative="", sampler=sampler)
     maps, prompts = reference_pose_maps(config), reference_prompts(refined, config)
     for i, (image, pose, prompt) in enumerate(zip(batched, maps, prompts, strict=True)):
-        latent = tiny_chain.denoise(
+        latent = denoise_frame(
+            tiny_chain,
             index=i,
             seed=config.seed,
             pose=tiny_chain.image_tensor(pose),

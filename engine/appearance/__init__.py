@@ -7,7 +7,7 @@ under a stable name, so every frame of the video shows the same person. Typical 
 
     adapter = get_or_train_adapter(chain, refined, cfg.appearance, cache_root)
     load_adapter(chain.parts.unet, adapter.path, adapter.name)   # now active
-    ... chain.denoise(...) ...
+    ... engine.batching.denoise_frame(chain, ...) ...
     activate(chain.parts.unet, None)                             # back to the base model
 
 Modules: :mod:`.poses` (canonical poses), :mod:`.references` (reference synthesis),

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from engine.config import ConfigError, ModelConfig, RenderConfig
+from engine.config import ModelConfig, RenderConfig
 from engine.core.executor import Prepared, PrepareJob
 from engine.core.faults import InputsChangedError
 from engine.core.outputs import (
@@ -35,7 +35,8 @@ from engine.core.outputs import (
 from engine.core.store import RenderStore
 from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
 from engine.files import atomic_json
-from engine.pose import PoseSequence, load_poses, resample, validate
+from engine.method import prepare_poses
+from engine.pose import PoseSequence
 
 
 @dataclass
@@ -106,24 +107,6 @@ class LiveRender:
         self.latents[outcome.index] = outcome.latent
         for old in [i for i in self.latents if i not in (0, outcome.index)]:
             del self.latents[old]
-
-
-def prepare_poses(config: RenderConfig) -> PoseSequence:
-    """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
-    if config.poses is None:
-        raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
-    from engine.method import cache_root
-
-    seq = load_poses(
-        config.poses,
-        max_frames=config.limits.max_frames,
-        kind=config.pose_kind,
-        extraction=config.pose_extraction,
-        cache_dir=cache_root(config),
-    )
-    seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
-    validate(seq, max_frames=config.limits.max_frames)
-    return seq
 
 
 def load_render(

@@ -3,7 +3,7 @@
 Two sources:
 
 * a render folder (see :mod:`engine.render`): ``frames/*.png`` (else ``video.mp4``); keypoints from
-  the manifest's pose file resampled as the render did (:func:`engine.core.live.prepare_poses`),
+  the manifest's pose file resampled as the render did (:func:`engine.method.prepare_poses`),
   else decoded from the ``poses/*.png`` pose maps (unreliable below ~384 px), or from an explicit
   poses file; masks from ``masks/*.png`` (written when background alignment is on), else drawn
   from the keypoints exactly as the render draws them (:func:`engine.compose.person_mask` with
@@ -116,7 +116,7 @@ def _render_keypoints(
     if poses is not None:
         return _sequence_keypoints(load_poses(poses), fps, width, height), str(poses)
     if config is not None and config.poses is not None and Path(config.poses).exists():
-        from engine.core.live import prepare_poses
+        from engine.method import prepare_poses
 
         try:
             return prepare_poses(config).keypoints, str(config.poses)
