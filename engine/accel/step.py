@@ -10,6 +10,7 @@ the batch's rows packed as runtime inputs (:mod:`engine.accel.graph`).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -217,7 +218,7 @@ VariantKey = tuple[bool, bool, int, tuple[int, ...]]
 Runner = Callable[[list[torch.Tensor]], torch.Tensor]
 
 
-class GraphStep:
+class GraphStep(ABC):
     """Base of the compiled steps: variant choice, LoRA packing, one runner per variant.
 
     Subclasses implement :meth:`_build` (a :class:`StepModule` → a runner taking its inputs in
@@ -257,5 +258,6 @@ class GraphStep:
         with per_row_adapters(self.parts.unet, [None]):  # peft layers (if any) run the base
             return runner(tensors)
 
+    @abstractmethod
     def _build(self, module: StepModule, key: VariantKey) -> Runner:
-        raise NotImplementedError
+        """Compile ``module`` (one graph variant) into a callable over its input tensors."""
