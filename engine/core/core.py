@@ -99,6 +99,11 @@ class EngineCore:
         self._finishing: set[str] = set()
         self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
+        # Frames are written on their own thread while the Sampler denoises the next batch; a
+        # frame's event (and the store's frames_done) follows its files, never precedes them.
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        self._written: queue.Queue[tuple[str, int, BaseException | None]] = queue.Queue()
+        self._writing: dict[str, int] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         # Two finishers: the videos of renders that end together encode side by side (ffmpeg).
         self._finisher = ThreadPoolExecutor(2, thread_name_prefix="finish")
@@ -192,7 +197,8 @@ class EngineCore:
     @property
     def idle(self) -> bool:
         with self._lock:
-            return not (self._loading or self._finishing or self._inflight) and not any(
+            busy = self._loading or self._finishing or self._inflight or self._writing
+            return not busy and not any(
                 not self.scheduler.status(r).stage.final for r in self._live
             )
 
@@ -202,6 +208,7 @@ class EngineCore:
         """One schedule → execute → update round; waits up to ``timeout`` for work to finish."""
         with self._lock:
             self._take_loaded()
+            self._take_written()
             self._take_finished()
             self._schedule()
             self._drain_scheduler()
@@ -227,6 +234,7 @@ class EngineCore:
             return
         self._closed = True
         self._loader.shutdown(wait=True, cancel_futures=True)
+        self._writer.shutdown(wait=True)
         self._finisher.shutdown(wait=True)
         self.executor.close()
         self.store.close()
@@ -352,14 +360,57 @@ class EngineCore:
                 request = FrameRequest(outcome.render_id, outcome.index)
                 self._retry_or_fail(live.id, outcome.error, outcome.kind or "infra", [request])
                 continue
-            try:
-                live.store_frame(outcome)
-            except Exception as e:
-                self._retry_or_fail(live.id, f"saving frame {outcome.index}: {describe(e)}",
-                                    classify(e), [FrameRequest(live.id, outcome.index)])  # fmt: skip
-                continue
+            live.keep_latent(outcome)
+            self._write(live, outcome)
             live.attempts = 0
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
+
+    def _write(self, live: LiveRender, outcome: Any) -> None:
+        """Persist a frame on the writer thread (FIFO: a render's frames land in order)."""
+        self._writing[live.id] = self._writing.get(live.id, 0) + 1
+
+        def write() -> None:
+            try:
+                self._written.put((live.id, live.persist(outcome), None))
+            except BaseException as e:
+                self._written.put((live.id, outcome.index, e))
+
+        self._writer.submit(write)
+
+    def _take_written(self) -> None:
+        """Frames whose files landed: record them, emit their events, finish complete renders."""
+        while True:
+            try:
+                render_id, index, error = self._written.get_nowait()
+            except queue.Empty:
+                return
+            self._writing[render_id] -= 1
+            if not self._writing[render_id]:
+                del self._writing[render_id]
+            live = self._live.get(render_id)
+            if live is None:  # ended meanwhile: release its folder once nothing writes there
+                if render_id not in self._writing and render_id not in self._finishing:
+                    self.store.unlock(render_id)
+                continue
+            if error is not None:
+                self._lost_frame(live, index, error)
+                continue
+            total = live.frames
+            fields = {"frames_done": index + 1, "eta_s": live.eta_s}
+            self.store.update(render_id, **fields)
+            self._event(render_id, {"type": "frame", "frame": index, **fields,
+                                    "frames_total": total})  # fmt: skip
+            if index + 1 == total and self.scheduler.status(render_id).stage is Stage.DONE:
+                self._finish(live)
+
+    def _lost_frame(self, live: LiveRender, index: int, error: BaseException) -> None:
+        """A frame's files could not be written (disk full, …): the render fails with why."""
+        reason = f"saving frame {index}: {describe(error)}"
+        live.error_kind = classify(error)
+        if self.scheduler.status(live.id).stage is Stage.DONE:
+            self._fail_now(live.id, reason, live.error_kind)
+        else:
+            self.scheduler.fail(live.id, reason)
 
     def _batch_failed(self, batch: builtins.list[FrameRequest], failed: BatchFailed) -> None:
         log.warning("batch of %d frames failed: %s", len(batch), failed.error)
@@ -407,17 +458,12 @@ class EngineCore:
     def _progress(self, p: Progress) -> None:
         live = self._live.get(p.render_id)
         state = _STATE[p.stage]
-        fields: dict[str, Any] = {"frames_done": p.frames_done, "eta_s": p.eta_s}
-        if p.stage is Stage.RENDERING and p.frames_done > (live.start if live else 0):
-            self.store.update(p.render_id, **fields)
-            event = {"type": "frame", "frame": p.frames_done - 1, **fields}
-            self._event(p.render_id, {**event, "frames_total": p.frames_total})
-            return
-        if p.stage is Stage.DONE and live is not None and p.frames_done > live.start:
-            event = {"type": "frame", "frame": p.frames_done - 1, **fields}
-            self._event(p.render_id, {**event, "frames_total": p.frames_total})
-        self._set_state(p.render_id, state, **fields)
-        if p.stage is Stage.DONE and live is not None:
+        if live is not None:
+            live.eta_s = p.eta_s
+        if p.stage in (Stage.RENDERING, Stage.DONE) and p.frames_done > (live.start if live else 0):
+            return  # a frame: recorded when its files land (_take_written), DONE after the last
+        self._set_state(p.render_id, state, frames_done=p.frames_done, eta_s=p.eta_s)
+        if p.stage is Stage.DONE and live is not None:  # every frame was already persisted
             self._finish(live)
         elif p.stage in (Stage.FAILED, Stage.CANCELLED):
             if p.stage is Stage.FAILED:
@@ -430,7 +476,7 @@ class EngineCore:
         """Encode the outputs of a render whose frames are all persisted (finisher thread)."""
         self._finishing.add(live.id)
         live.rendered_at = time.monotonic()
-        self._set_state(live.id, "encoding", frames_done=live.frames)
+        self._set_state(live.id, "encoding", frames_done=live.frames, eta_s=0.0)
         memory = self.executor.memory()
 
         def run() -> None:
@@ -484,7 +530,8 @@ class EngineCore:
         if render_id in self.scheduler.known() and self.scheduler.status(render_id).stage.final:
             self.scheduler.forget(render_id)
         self.executor.release(render_id)
-        if render_id not in self._finishing and render_id not in self._loading:
+        busy = (self._finishing, self._loading, self._writing)
+        if not any(render_id in b for b in busy):
             self.store.unlock(render_id)
 
     def _event(self, render_id: str, data: dict[str, Any]) -> None:

@@ -61,6 +61,8 @@ class LiveRender:
     peak_rss_mb: float = 0.0
     admitted: float = field(default_factory=time.monotonic)
     rendering_since: float | None = None
+    eta_s: float | None = None
+    """The scheduler's latest estimate of the seconds left."""
     rendered_at: float | None = None
     """When its last frame was persisted (the chain's end; encoding may queue after it)."""
 
@@ -97,16 +99,22 @@ class LiveRender:
             self.rendering_since = time.monotonic()
         return FrameWork(self.id, index, previous, anchor)
 
-    def store_frame(self, outcome: FrameOutcome) -> None:
-        """Persist a finished frame and keep only the latents the chain still needs."""
+    def keep_latent(self, outcome: FrameOutcome) -> None:
+        """Keep a finished frame's latent (the next frame's reference) and only the latents the
+        chain still needs: frames 0 and t."""
+        assert outcome.latent is not None
+        self.latents[outcome.index] = outcome.latent
+        for old in [i for i in self.latents if i not in (0, outcome.index)]:
+            del self.latents[old]
+
+    def persist(self, outcome: FrameOutcome) -> int:
+        """Write a finished frame's files (writer thread); its latent last, marking it done."""
         assert outcome.latent is not None and outcome.frame is not None
         assert outcome.pose_map is not None
         save_frame(
             self.out, outcome.index, outcome.frame, outcome.latent, outcome.pose_map, outcome.mask
         )
-        self.latents[outcome.index] = outcome.latent
-        for old in [i for i in self.latents if i not in (0, outcome.index)]:
-            del self.latents[old]
+        return outcome.index
 
 
 def load_render(
