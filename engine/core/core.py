@@ -40,7 +40,7 @@ from engine.core.executor import (
 from engine.core.faults import classify, describe
 from engine.core.live import LiveRender, finalize, load_render, save_prepared
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
-from engine.core.store import FINAL_STATES, RenderRecord, RenderStore, check_id, new_id
+from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +154,7 @@ class EngineCore:
             else:
                 id = new_id()
             limit = self.config.cluster.max_queued
-            if (
-                self.store.count(tuple(s for s in _STATE.values() if s not in FINAL_STATES))
-                >= limit
-            ):
+            if self.store.count(tuple(s for s in STATES if s not in FINAL_STATES)) >= limit:
                 raise QueueFullError(f"{limit} renders are queued or running; retry later")
             self.store.create(id, data, priority=priority, owner=owner)
             self._event(id, {"type": "state", "state": "queued"})
