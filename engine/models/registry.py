@@ -181,20 +181,7 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
         latent_channels=4,
         norm_num_groups=8,
     )
-    device = resolve_device(config.device)
-    return _finish(
-        DiffusionComponents(
-            unet=unet,
-            controlnet=controlnet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=DDIMScheduler.from_config(SD_SCHEDULER),
-            device=device,
-            dtype=torch.float32,
-            name=model_name(config),
-        )
-    )
+    return _random_parts(config, unet, controlnet, vae, text_encoder, tokenizer, torch.float32)
 
 
 # SD-1.5's own architectures (the checkpoints' config.json files), for ``sd15-random``.
@@ -229,6 +216,19 @@ def build_sd15_random(config: ModelConfig) -> DiffusionComponents:
     dtype = getattr(torch, config.dtype)
     for module in (unet, controlnet, vae, text_encoder) if dtype != torch.float32 else ():
         module.to(dtype)
+    return _random_parts(config, unet, controlnet, vae, text_encoder, tokenizer, dtype)
+
+
+def _random_parts(
+    config: ModelConfig,
+    unet: UNet2DConditionModel,
+    controlnet: ControlNetModel,
+    vae: AutoencoderKL,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+    dtype: torch.dtype,
+) -> DiffusionComponents:
+    """Random-weight models with SD's DDIM schedule, moved to ``model.device``."""
     return _finish(
         DiffusionComponents(
             unet=unet,
