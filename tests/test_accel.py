@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accel_helpers import random_step_inputs
 
 from engine.accel import BackendUnavailableError, EagerStep, StepInputs, make_step
 from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config
@@ -38,21 +39,11 @@ DISTINCT = torch.tensor([[1, 2], [2, 0], [0, 1]])
 
 
 def batch(rows: int, seed: int, *, kv: bool, adapters=None, refs=None) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    if refs is None:
-        refs = torch.randint(0, rows, (rows, 2), generator=g)
-        refs[0] = torch.tensor([0, 0])  # a row whose slots name itself: plain self-attention
-        refs[1] = torch.tensor([0, 0])  # a repeated reference: attended to once
-    return StepInputs(
-        sample=torch.randn(rows, 4, 8, 8, generator=g),
-        timestep=torch.randint(1, 999, (rows,), generator=g),
-        text=torch.randn(rows, 77, 32, generator=g),
-        pose=torch.rand(rows, 3, 64, 64, generator=g),
-        control_scale=torch.rand(rows, 1, 1, 1, generator=g) + 0.5,
-        ref_index=refs if kv else None,
-        include_self=True,
-        adapters=adapters or [None] * rows,
-    )
+    inputs = random_step_inputs(rows, seed, kv=kv, adapters=adapters, refs=refs)
+    if refs is None and inputs.ref_index is not None:
+        inputs.ref_index[0] = 0  # a row whose slots name itself: plain self-attention
+        inputs.ref_index[1] = 0  # a repeated reference: attended to once
+    return inputs
 
 
 @torch.no_grad()

@@ -11,6 +11,7 @@ import os
 
 import pytest
 import torch
+from accel_helpers import random_step_inputs
 
 from engine.accel import EagerStep, StepInputs
 from engine.accel.compile_step import CompileStep
@@ -28,18 +29,7 @@ TOL = 1e-4
 
 
 def batch(rows: int, seed: int) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    refs = torch.randint(0, rows, (rows, 2), generator=g)
-    return StepInputs(
-        sample=torch.randn(rows, 4, 8, 8, generator=g),
-        timestep=torch.randint(1, 999, (rows,), generator=g),
-        text=torch.randn(rows, 77, 32, generator=g),
-        pose=torch.rand(rows, 3, 64, 64, generator=g),
-        control_scale=torch.rand(rows, 1, 1, 1, generator=g) + 0.5,
-        ref_index=refs,
-        include_self=True,
-        adapters=[None] * rows,
-    )
+    return random_step_inputs(rows, seed)
 
 
 @torch.no_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from accel_helpers import random_step_inputs
 
 from engine.accel import EagerStep, StepInputs
 from engine.accel.graph import controlnet_unet
@@ -39,17 +40,7 @@ def chain():
 
 
 def batch(rows: int, seed: int, adapters, *, kv: bool = True) -> StepInputs:
-    g = torch.Generator().manual_seed(seed)
-    return StepInputs(
-        sample=torch.randn(rows, 4, 8, 8, generator=g),
-        timestep=torch.randint(1, 999, (rows,), generator=g),
-        text=torch.randn(rows, 77, 32, generator=g),
-        pose=torch.rand(rows, 3, 64, 64, generator=g),
-        control_scale=torch.rand(rows, 1, 1, 1, generator=g) + 0.5,
-        ref_index=torch.randint(0, rows, (rows, 2), generator=g) if kv else None,
-        include_self=True,
-        adapters=adapters,
-    )
+    return random_step_inputs(rows, seed, kv=kv, adapters=adapters)
 
 
 def peft_per_row(chain, inputs: StepInputs) -> torch.Tensor:
