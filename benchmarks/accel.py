@@ -8,7 +8,8 @@ Prints a table and writes ``out/bench/accel-<preset>.json``. Step times are the 
 compiles); the first call's wall time is reported apart.
 ``--threads`` times one whole frame (``--steps`` DDIM steps, CFG) with 1 thread and with torch's
 default, each with the machine idle and with a busy-loop process occupying one core.
-``--compile-static`` times torch.compile (``dynamic=False``, one shape) against eager. The eager
+``--compile-static`` / ``--compile-dynamic`` time torch.compile (``dynamic=False``, one shape;
+``dynamic=True``, shape-generic: what ``model.backend: compile`` builds) against eager. The eager
 rows include the pre-runtime-LoRA path (peft's per-row ``adapter_names``) for comparison.
 """
 
@@ -143,10 +144,10 @@ def bench_steps(preset: str, rows: int, backends: list[str], repeats: int) -> li
     return results
 
 
-def bench_compile(preset: str, rows: int, repeats: int) -> dict:
-    """torch.compile (inductor, ``dynamic=False``, one shape, no CUDA graphs) against eager on
-    one ``kv`` batch without LoRA: compile wall time, ms per step (CPU time), max abs error; then
-    the recompile a second batch size costs."""
+def bench_compile(preset: str, rows: int, repeats: int, dynamic: bool = False) -> dict:
+    """torch.compile (inductor, ``dynamic`` shapes or one static shape, no CUDA graphs) against
+    eager on one ``kv`` batch without LoRA: compile wall time, ms per step (CPU time), max abs
+    error; then what a second batch size costs (a recompile unless ``dynamic``)."""
     from engine.accel.compile_step import CompileStep
     from engine.chain import FrameChain
     from engine.config import ModelConfig
@@ -160,7 +161,7 @@ def bench_compile(preset: str, rows: int, repeats: int) -> dict:
     )
     eager, compiled = (
         make_step("eager", parts, chain.context),
-        CompileStep(parts, chain.context, dynamic=False),
+        CompileStep(parts, chain.context, dynamic=dynamic),
     )
     start = time.perf_counter()
     with torch.no_grad():
@@ -171,6 +172,7 @@ def bench_compile(preset: str, rows: int, repeats: int) -> dict:
     with torch.no_grad():
         err2 = (compiled(other) - eager(other)).abs().max().item()
     return {
+        "dynamic": dynamic,
         "rows": rows,
         "compile_s": compile_s,
         "eager_ms": ms["eager"] * 1e3,
@@ -233,6 +235,9 @@ def main() -> None:
     p.add_argument("--backends", default="eager,onnx")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--compile-static", action="store_true", help="also torch.compile static")
+    p.add_argument(
+        "--compile-dynamic", action="store_true", help="also torch.compile dynamic (the default)"
+    )
     p.add_argument("--no-backends", action="store_true", help="skip the back-end table")
     p.add_argument("--threads", action="store_true", help="also measure CPU threads under load")
     p.add_argument("--steps", type=int, default=20)
@@ -258,13 +263,17 @@ def main() -> None:
             f"{r['vs_same_backend_no_lora']:10.3f} {r['vs_same_backend_loaded_unused']:9.3f} "
             f"{ve:>8} {r['first_s']:6.1f}"
         )
-    if args.compile_static:
-        report["compile_static"] = c = bench_compile(args.preset, args.rows, args.repeats)
+    for dynamic, wanted in ((False, args.compile_static), (True, args.compile_dynamic)):
+        if not wanted:
+            continue
+        key = "compile_dynamic" if dynamic else "compile_static"
+        report[key] = c = bench_compile(args.preset, args.rows, args.repeats, dynamic)
+        second = "same graph" if dynamic else "recompile"
         print(
-            f"\n# torch.compile, dynamic=False, {c['rows']} rows: compile {c['compile_s']:.0f} s, "
-            f"{c['compile_ms']:.1f} vs eager {c['eager_ms']:.1f} ms/step ({c['speedup']:.2f}x), "
-            f"max abs err {c['max_abs_err']:.1e}, recompile for {c['rows'] // 2} rows "
-            f"{c['recompile_s_other_batch']:.0f} s"
+            f"\n# torch.compile, dynamic={dynamic}, {c['rows']} rows: compile "
+            f"{c['compile_s']:.0f} s, {c['compile_ms']:.1f} vs eager {c['eager_ms']:.1f} ms/step "
+            f"({c['speedup']:.2f}x), max abs err {c['max_abs_err']:.1e}; {c['rows'] // 2} rows "
+            f"({second}) {c['recompile_s_other_batch']:.0f} s"
         )
     if args.threads:
         report["threads"] = bench_threads(args.steps, frames=2)

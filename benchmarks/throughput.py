@@ -20,7 +20,8 @@ For each preset, in one run, on the same seeded random-weight models and the sam
   ``latent`` inter-frame alignment): the cost of the alignment stages.
 
 Every variant is warmed up (a 1-frame, 1-step call or render) before timing; (a), (a2), (b),
-bare and (c) run ``--repeat`` times and the fastest counts. torch runs ``--threads`` intra-op
+bare and (c) run ``--repeat`` passes in interleaved rounds (a, a2, b, bare, c, a, …; all stay
+resident) and each one's fastest pass counts. torch runs ``--threads`` intra-op
 threads per process, Ray actors included (``model.threads``). Prints a markdown table per preset
 and writes JSON (machine, settings, runs, ratios, frame checks, load averages)::
 
@@ -39,13 +40,16 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from benchmarks.common import timed
+from benchmarks.common import best, timed
 from benchmarks.throughput_runs import (
+    Bare,
+    Engine,
+    EngineTrace,
     FullMethod,
-    run_bare,
-    run_engine,
-    run_plain,
-    run_ray,
+    Plain,
+    RayCore,
+    Variant,
+    plain_pipeline,
     sampler_padding,
 )
 
@@ -160,30 +164,45 @@ def bench_case(
         phases[name], loads[f"after_{name}"] = round(seconds, 2), common.load_avg()
         return result
 
-    runs: dict[str, dict[str, Any]] = {}
-    runs["plain"], plain = phase("plain", lambda: run_plain(characters, repeat, False))
-    runs["plain_batched"], batched = phase(
-        "plain_batched", lambda: run_plain(characters, repeat, True)
-    )
-    runs["engine"], trace = phase(
-        "engine", lambda: run_engine(characters, engine, root, repeat, timeout_s)
-    )
-    runs["bare"], bare = phase("bare", lambda: run_bare(trace, characters, engine, repeat))
-    checks = {
-        "plain_vs_engine": common.frame_diffs(trace.frames, plain),
-        "plain_batched_vs_engine": common.frame_diffs(trace.frames, batched),
-        "bare_vs_engine": common.frame_diffs(trace.frames, bare),
+    pipe, build_s = plain_pipeline(characters)
+    variants: dict[str, Variant] = {}
+
+    def engine_trace() -> EngineTrace:  # bare replays (b)'s first pass: built after it
+        core = variants["engine"]
+        assert isinstance(core, Engine) and core.trace is not None
+        return core.trace
+
+    builders: dict[str, Any] = {
+        "plain": lambda: Plain(pipe, characters, False, build_s),
+        "plain_batched": lambda: Plain(pipe, characters, True, build_s),
+        "engine": lambda: Engine(characters, engine, root, timeout_s),
+        "bare": lambda: Bare(engine_trace(), characters, engine),
     }
-    trace.chain = None  # free the in-process models before Ray's actors start
     if ray:
-        ray_runs, ray_frames = phase(
-            "ray",
-            lambda: run_ray(
-                characters, engine, root, full=full, repeat=repeat, timeout_s=timeout_s
-            ),
-        )
-        runs.update(ray_runs)
-        checks["ray_vs_engine"] = common.frame_diffs(trace.frames, ray_frames)
+        builders["ray"] = lambda: RayCore(characters, engine, root, timeout_s)
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in builders}
+    try:
+        for k in range(repeat):  # interleaved rounds: machine drift weighs on every variant alike
+            for name, build in builders.items():
+                if name not in variants:
+                    variants[name] = phase(f"{name} set-up", build)
+                variant = variants[name]
+                label = f"{name} pass {k + 1}/{repeat}"
+                records[name].append(phase(label, lambda v=variant, k=k: v.once(k)))
+        runs = {name: {**best(rs), **variants[name].info} for name, rs in records.items()}
+        if ray and full is not None:
+            ray_core = variants["ray"]
+            assert isinstance(ray_core, RayCore)
+            runs["ray_full"] = phase("ray_full", lambda: ray_core.full(full))
+    finally:
+        for variant in variants.values():
+            variant.close()
+    reference = variants["engine"].frames
+    checks = {
+        f"{name}_vs_engine": common.frame_diffs(reference, variants[name].frames)
+        for name in ("plain", "plain_batched", "bare", "ray")
+        if name in variants
+    }
     ratios = compute_ratios(runs)
     c = characters[0].config
     return {

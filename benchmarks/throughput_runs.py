@@ -1,9 +1,10 @@
 """The variants of :mod:`benchmarks.throughput`: plain diffusers at batch 1 and batched across
 characters, the engine core in-process and on Ray, the bare batched loop, the full method.
 
-Each runner warms its variant up (first-call costs, never timed), then times ``repeat`` passes
-over the same characters and returns the fastest pass's record (:func:`benchmarks.common.best`)
-and the frames it made, keyed (character id, frame index), for the like-for-like checks.
+Each :class:`Variant` warms up when built (first-call costs, never timed); :meth:`Variant.once`
+times one pass over the same characters. :mod:`benchmarks.throughput` interleaves the passes of
+all variants and keeps each one's fastest (:func:`benchmarks.common.best`); each variant keeps
+its first pass's frames, keyed (character id, frame index), for the like-for-like checks.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import torch
 
 from benchmarks import common
-from benchmarks.common import Character, best, run_core, run_record, timed
+from benchmarks.common import Character, run_core, run_record, timed
 from engine.config import RenderConfig, load_config
 
 
@@ -48,7 +49,7 @@ class RowCounter:
     """Rows of every UNet forward pass while entered (what each batch really computed)."""
 
     def __init__(self, unet: torch.nn.Module):
-        self.unet, self.rows = unet, []
+        self.unet, self.rows = unet, list[int]()
 
     def __enter__(self) -> RowCounter:
         def hook(_m: Any, args: tuple, kwargs: dict) -> None:
@@ -113,33 +114,57 @@ def _plain_call(pipe: Any, group: Sequence[Character], index: int, steps: int) -
     return [(np.asarray(img) * 255.0).round().astype(np.uint8) for img in out.images]
 
 
-def run_plain(
-    characters: Sequence[Character], repeat: int, batched: bool
-) -> tuple[dict[str, Any], dict[tuple[str, int], np.ndarray]]:
-    """(a) batch 1, or (a2) one call per frame index across the characters → (best record,
-    frames keyed (render id, index))."""
-    pipe, build_s = timed(lambda: _pipeline(characters[0].config))
-    frames_each, steps = len(characters[0].keypoints), characters[0].config.sampler.steps
-    groups = [list(characters)] if batched else [[ch] for ch in characters]
+class Variant:
+    """One benchmarked variant, set up and warmed once; :meth:`once` times one pass over every
+    character. The benchmark calls the variants' passes in interleaved rounds (a, a2, b, bare,
+    c, a, a2, …) so a slow spell of this shared machine weighs on every variant alike."""
 
-    def loop() -> dict[tuple[str, int], np.ndarray]:
-        out = {}
-        for group in groups:
-            for i in range(frames_each):
-                for ch, frame in zip(group, _plain_call(pipe, group, i, steps), strict=True):
-                    out[(ch.render_id, i)] = frame
-        return dict(sorted(out.items()))
+    info: dict[str, Any]
+    """Set-up facts of the record (build and warm-up seconds, …)."""
+    frames: dict[tuple[str, int], np.ndarray]
+    """The first pass's frames, keyed (render id, frame index), for the like-for-like checks."""
 
-    with common.quiet_tokenizer():
-        _, warmup_s = timed(lambda: _plain_call(pipe, groups[0], 0, 1))
-        records, frames = [], {}
-        for _ in range(repeat):
+    def once(self, k: int) -> dict[str, Any]:
+        """Timed pass ``k`` → its record (:func:`benchmarks.common.run_record`)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free what the variant holds."""
+
+
+class Plain(Variant):
+    """(a) batch 1, or (a2) one pipeline call per frame index across the characters."""
+
+    def __init__(self, pipe: Any, characters: Sequence[Character], batched: bool, build_s: float):
+        self.pipe, self.characters = pipe, characters
+        self.groups = [list(characters)] if batched else [[ch] for ch in characters]
+        self.steps = characters[0].config.sampler.steps
+        with common.quiet_tokenizer():
+            _, warmup_s = timed(lambda: _plain_call(pipe, self.groups[0], 0, 1))
+        batch = len(characters) if batched else 1
+        self.info = {"build_s": round(build_s, 3), "warmup_s": round(warmup_s, 3), "batch": batch}
+        self.frames = {}
+
+    def once(self, k: int) -> dict[str, Any]:
+        def loop() -> dict[tuple[str, int], np.ndarray]:
+            out = {}
+            for group in self.groups:
+                for i in range(len(self.characters[0].keypoints)):
+                    frames = _plain_call(self.pipe, group, i, self.steps)
+                    for ch, frame in zip(group, frames, strict=True):
+                        out[(ch.render_id, i)] = frame
+            return dict(sorted(out.items()))
+
+        with common.quiet_tokenizer():
             frames, seconds = timed(loop)
-            records.append(run_record(seconds, len(frames)))
-    record = best(records)
-    batch = len(characters) if batched else 1
-    record.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3), batch=batch)
-    return record, frames
+        if k == 0:
+            self.frames = frames
+        return run_record(seconds, len(frames))
+
+
+def plain_pipeline(characters: Sequence[Character]) -> tuple[Any, float]:
+    """The plain diffusers pipeline (a) and (a2) share → (pipeline, build seconds)."""
+    return timed(lambda: _pipeline(characters[0].config))
 
 
 # -- (b) the in-process core, and the bare batched loop ------------------------------------------
@@ -155,56 +180,53 @@ class EngineTrace:
     frames: dict[tuple[str, int], np.ndarray]
 
 
-def _timed_core_runs(
-    core: Any,
-    executor: Any,
-    unet: Any,
-    characters: Sequence[Character],
-    repeat: int,
-    timeout_s: float,
+def _core_pass(
+    core: Any, executor: Any, unet: Any, characters: Sequence[Character], k: int, timeout_s: float
 ) -> tuple[dict[str, Any], list[list[tuple[str, int]]]]:
-    """``repeat`` timed passes of every character through ``core`` (fresh ids per pass) →
-    (best record, the batches of the first pass)."""
-    records, batches = [], []
-    for k in range(repeat):
-        specs = [(f"{ch.render_id}-r{k}", ch.config) for ch in characters]
-        first = len(core.stats["batches"])
-        counter = RowCounter(unet) if unet is not None else None
-        with common.CoreProfile(executor) as profile, counter or contextlib.nullcontext():
-            seconds, sizes = run_core(core, specs, timeout_s)
-        frames = sum(len(ch.keypoints) for ch in characters)
-        rows = {"unet_rows": counter.rows} if counter else {}
-        busy = profile.record()
-        outside = {"outside_sampler_s": round(seconds - busy["sampler_busy_s"], 3)}
-        records.append(run_record(seconds, frames, batch_sizes=sizes, **busy, **outside, **rows))
-        if k == 0:
-            batches = [list(b) for b in core.stats["batches"][first:]]
-    return best(records), batches
+    """Timed pass ``k`` of every character through ``core`` (fresh ids per pass) → (record,
+    the batches the core ran: (render id, frame index) per row)."""
+    specs = [(f"{ch.render_id}-r{k}", ch.config) for ch in characters]
+    first = len(core.stats["batches"])
+    counter = RowCounter(unet) if unet is not None else None
+    with common.CoreProfile(executor) as profile, counter or contextlib.nullcontext():
+        seconds, sizes = run_core(core, specs, timeout_s)
+    frames = sum(len(ch.keypoints) for ch in characters)
+    rows = {"unet_rows": counter.rows} if counter else {}
+    busy = profile.record()
+    outside = {"outside_sampler_s": round(seconds - busy["sampler_busy_s"], 3)}
+    record = run_record(seconds, frames, batch_sizes=sizes, **busy, **outside, **rows)
+    return record, [list(b) for b in core.stats["batches"][first:]]
 
 
-def run_engine(
-    characters: Sequence[Character],
-    engine: RenderConfig,
-    root: Path,
-    repeat: int,
-    timeout_s: float,
-) -> tuple[dict[str, Any], EngineTrace]:
+class Engine(Variant):
     """(b): the engine core with the in-process executor (models built once, warmed up)."""
-    from engine.core import EngineCore, InProcessExecutor, RenderStore
 
-    executor, build_s = timed(lambda: InProcessExecutor(engine))
-    core = EngineCore(engine, RenderStore(root / "engine"), executor, resume=False)
-    try:
+    def __init__(
+        self, characters: Sequence[Character], engine: RenderConfig, root: Path, timeout_s: float
+    ):
+        from engine.core import EngineCore, InProcessExecutor, RenderStore
+
+        self.characters, self.timeout_s, self.folder = characters, timeout_s, root / "engine"
+        self.executor, build_s = timed(lambda: InProcessExecutor(engine))
+        self.core = EngineCore(engine, RenderStore(self.folder), self.executor, resume=False)
         warm = [("warmup", common.warmup_spec(characters[0], root))]
-        _, warmup_s = timed(lambda: run_core(core, warm, 600))
-        unet = executor.chain.parts.unet
-        record, batches = _timed_core_runs(core, executor, unet, characters, repeat, timeout_s)
-    finally:
-        core.close()
-    record.update(build_s=round(build_s, 3), warmup_s=round(warmup_s, 3))
-    ids = [f"{ch.render_id}-r0" for ch in characters]
-    frames = common.load_frames(root / "engine", ids, len(characters[0].keypoints))
-    return record, EngineTrace(executor.chain, root / "engine", batches, frames)
+        _, warmup_s = timed(lambda: run_core(self.core, warm, 600))
+        self.info = {"build_s": round(build_s, 3), "warmup_s": round(warmup_s, 3)}
+        self.frames = {}
+        self.trace: EngineTrace | None = None
+
+    def once(self, k: int) -> dict[str, Any]:
+        unet = self.executor.chain.parts.unet
+        args = (self.core, self.executor, unet, self.characters, k, self.timeout_s)
+        record, batches = _core_pass(*args)
+        if k == 0:
+            ids = [f"{ch.render_id}-r0" for ch in self.characters]
+            self.frames = common.load_frames(self.folder, ids, len(self.characters[0].keypoints))
+            self.trace = EngineTrace(self.executor.chain, self.folder, batches, self.frames)
+        return record
+
+    def close(self) -> None:
+        self.core.close()
 
 
 def sampler_padding(engine: RenderConfig, inter_frame: str) -> tuple[int, str]:
@@ -216,53 +238,63 @@ def sampler_padding(engine: RenderConfig, inter_frame: str) -> tuple[int, str]:
     return engine.cluster.max_batch * rows_per_frame(inter_frame), padding_policy(engine)
 
 
-def run_bare(
-    trace: EngineTrace, characters: Sequence[Character], engine: RenderConfig, repeat: int
-) -> tuple[dict[str, Any], dict[tuple[str, int], np.ndarray]]:
+class Bare(Variant):
     """bare: (b)'s batches replayed with pre-built jobs (references from (b)'s persisted
     latents) through BatchDenoiser + the batched VAE decode only, padded as the Sampler pads
-    (:func:`sampler_padding`) → (best record, frames)."""
-    from engine.batching import BatchDenoiser, decode_frames
-    from engine.core.outputs import load_latent
-    from engine.session import CharacterChain
+    (:func:`sampler_padding`)."""
 
-    chain = trace.chain
-    sessions = {
-        f"{ch.render_id}-r0": CharacterChain(
-            chain, ch.config, ch.keypoints, prompt=ch.prompt, negative=ch.config.negative_prompt
-        )
-        for ch in characters
-    }
+    def __init__(self, trace: EngineTrace, characters: Sequence[Character], engine: RenderConfig):
+        from engine.batching import BatchDenoiser
+        from engine.core.outputs import load_latent
+        from engine.session import CharacterChain
 
-    def latent(rid: str, index: int) -> torch.Tensor:
-        return torch.from_numpy(load_latent(trace.folder / rid, index))
+        chain = self.chain = trace.chain
+        sessions = {
+            f"{ch.render_id}-r0": CharacterChain(
+                chain, ch.config, ch.keypoints, prompt=ch.prompt, negative=ch.config.negative_prompt
+            )
+            for ch in characters
+        }
 
-    batches = [
-        [
-            sessions[rid].job(i, latent(rid, i - 1) if i else None, latent(rid, 0) if i else None)
-            for rid, i in batch
+        def latent(rid: str, index: int) -> torch.Tensor:
+            return torch.from_numpy(load_latent(trace.folder / rid, index))
+
+        self.batches = [
+            [
+                sessions[rid].job(
+                    i, latent(rid, i - 1) if i else None, latent(rid, 0) if i else None
+                )
+                for rid, i in batch
+            ]
+            for batch in trace.batches
         ]
-        for batch in trace.batches
-    ]
-    capacity, padding = sampler_padding(engine, characters[0].config.alignment.inter_frame)
-    denoiser = BatchDenoiser(chain, pad_rows=capacity, padding=padding)  # type: ignore[arg-type]
-    keys = [key for batch in trace.batches for key in batch]
-    max_batch = engine.cluster.max_batch
+        capacity, self.padding = sampler_padding(engine, characters[0].config.alignment.inter_frame)
+        self.denoiser = BatchDenoiser(chain, pad_rows=capacity, padding=self.padding)  # type: ignore[arg-type]
+        self.keys = [key for batch in trace.batches for key in batch]
+        self.max_batch = engine.cluster.max_batch
+        self.info, self.frames = {}, {}
 
-    def loop() -> list[np.ndarray]:
-        return [
-            frame
-            for jobs in batches
-            for frame in decode_frames(chain, denoiser.denoise(jobs), padding, max_batch)  # type: ignore[arg-type]
-        ]
+    def once(self, k: int) -> dict[str, Any]:
+        from engine.batching import decode_frames
 
-    records, decoded = [], []
-    for _ in range(repeat):
-        with RowCounter(chain.parts.unet) as counter:
+        def loop() -> list[np.ndarray | None]:
+            return [
+                frame
+                for jobs in self.batches
+                for frame in decode_frames(
+                    self.chain,
+                    self.denoiser.denoise(jobs),
+                    self.padding,  # type: ignore[arg-type]
+                    self.max_batch,
+                )
+            ]
+
+        with RowCounter(self.chain.parts.unet) as counter:
             decoded, seconds = timed(loop)
-        sizes = [len(b) for b in batches]
-        records.append(run_record(seconds, len(decoded), batch_sizes=sizes, unet_rows=counter.rows))
-    return best(records), dict(sorted(zip(keys, decoded, strict=True)))
+        if k == 0:
+            self.frames = dict(sorted(zip(self.keys, decoded, strict=True)))
+        sizes = [len(b) for b in self.batches]
+        return run_record(seconds, len(decoded), batch_sizes=sizes, unet_rows=counter.rows)
 
 
 # -- (c), (d) the core on Ray --------------------------------------------------------------------
@@ -275,47 +307,54 @@ def _sampler_threads(executor: Any) -> int:
     return int(ray.get(actor.__ray_call__.remote(lambda _: torch.get_num_threads()), timeout=60))
 
 
-def run_ray(
-    characters: Sequence[Character],
-    engine: RenderConfig,
-    root: Path,
-    *,
-    full: FullMethod | None,
-    repeat: int,
-    timeout_s: float,
-) -> tuple[dict[str, dict[str, Any]], dict[tuple[str, int], np.ndarray]]:
-    """(c) and, unless ``full`` is None, (d) on a local Ray instance (started if none is) →
-    (runs, (c)'s frames). (d) runs once (a repeat would hit the adapter cache)."""
-    import ray
+class RayCore(Variant):
+    """(c) the core on a local Ray instance (started if none is; actors started and warmed up
+    before any timing), and (d) :meth:`full` once."""
 
-    from actors.executor import RayExecutor
-    from engine.core import EngineCore, RenderStore
+    def __init__(
+        self, characters: Sequence[Character], engine: RenderConfig, root: Path, timeout_s: float
+    ):
+        import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    executor = RayExecutor(engine)
-    core = EngineCore(engine, RenderStore(root / "ray"), executor, resume=False)
-    try:
+        from actors.executor import RayExecutor
+        from engine.core import EngineCore, RenderStore
+
+        self.characters, self.timeout_s, self.root = characters, timeout_s, root
+        self.started = not ray.is_initialized()
+        if self.started:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        self.executor = RayExecutor(engine)
+        self.core = EngineCore(engine, RenderStore(root / "ray"), self.executor, resume=False)
         start = time.perf_counter()
-        executor.refiners.ensure()
-        executor.samplers.ensure()
-        actors = [*executor.refiners.actors, *executor.samplers.actors]
+        self.executor.refiners.ensure()
+        self.executor.samplers.ensure()
+        actors = [*self.executor.refiners.actors, *self.executor.samplers.actors]
         ray.get([a.__ray_ready__.remote() for a in actors], timeout=600)
-        info = {"actor_start_s": round(time.perf_counter() - start, 3)}
-        info["sampler_threads"] = _sampler_threads(executor)
+        self.info = {"actor_start_s": round(time.perf_counter() - start, 3)}
+        self.info["sampler_threads"] = _sampler_threads(self.executor)
         warm = [("warmup", common.warmup_spec(characters[0], root))]
-        info["warmup_s"] = round(timed(lambda: run_core(core, warm, 600))[1], 3)
-        record, _ = _timed_core_runs(core, executor, None, characters, repeat, timeout_s)
-        runs = {"ray": {**record, **info}}
-        if full is not None:
-            runs["ray_full"] = _ray_full(core, executor, characters, root, full, timeout_s)
-    finally:
-        core.close()
-        if started:
+        self.info["warmup_s"] = round(timed(lambda: run_core(self.core, warm, 600))[1], 3)
+        self.frames = {}
+
+    def once(self, k: int) -> dict[str, Any]:
+        args = (self.core, self.executor, None, self.characters, k, self.timeout_s)
+        record, _ = _core_pass(*args)
+        if k == 0:
+            ids = [f"{ch.render_id}-r0" for ch in self.characters]
+            frames = len(self.characters[0].keypoints)
+            self.frames = common.load_frames(self.root / "ray", ids, frames)
+        return record
+
+    def full(self, full: FullMethod) -> dict[str, Any]:
+        """(d), once (a repeat would hit the adapter cache)."""
+        return _ray_full(self.core, self.executor, self.characters, self.root, full, self.timeout_s)
+
+    def close(self) -> None:
+        import ray
+
+        self.core.close()
+        if self.started:
             ray.shutdown()
-    ids = [f"{ch.render_id}-r0" for ch in characters]
-    return runs, common.load_frames(root / "ray", ids, len(characters[0].keypoints))
 
 
 def _ray_full(

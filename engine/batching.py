@@ -239,7 +239,7 @@ class BatchDenoiser:
         has_refs = uses_kv and any(r.refs for r in active)
         from engine.accel import StepInputs, step_for  # model.backend's denoise step
 
-        return step_for(self.chain)(
+        return step_for(self.chain, self.pad_rows)(
             StepInputs(
                 sample=self.sched.scale_model_input(x, timestep),
                 timestep=timestep,

@@ -1,5 +1,6 @@
-"""The eager step's per-row LoRA (one batched low-rank update per adapted projection) equals
-peft's per-row ``adapter_names`` path, and adds nothing to a batch where no row has an adapter."""
+"""The eager step's per-row LoRA (each row's merged weight, or the batched low-rank update for
+models too large to merge) equals peft's per-row ``adapter_names`` path, and adds nothing to a
+batch where no row has an adapter."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 from accel_helpers import random_step_inputs
 
+import engine.accel.step as step_module
 from engine.accel import EagerStep, StepInputs
 from engine.accel.graph import controlnet_unet
 from engine.appearance.lora import (
@@ -67,7 +69,10 @@ def hook_count(unet: torch.nn.Module) -> int:
 
 @torch.no_grad()
 @pytest.mark.parametrize("kv", [True, False])
-def test_eager_runtime_lora_equals_peft_per_row(chain, kv):
+@pytest.mark.parametrize("mode", ["merged", "low-rank"])
+def test_eager_runtime_lora_equals_peft_per_row(chain, kv, mode, monkeypatch):
+    if mode == "low-rank":  # what a model too large to merge per row (sd15 at 16 rows) runs
+        monkeypatch.setattr(step_module, "MERGED_BYTES", 0)
     step = EagerStep(chain.parts, chain.context)
     names = ["char0", None, "char1", "char2", None, "char0"]
     inputs = batch(6, 3, names, kv=kv)
@@ -77,6 +82,7 @@ def test_eager_runtime_lora_equals_peft_per_row(chain, kv):
     before = hook_count(chain.parts.unet)
     err = (step(inputs) - want).abs().max().item()
     assert err < TOL, f"3 adapters + base rows: max abs error {err:.2e} vs peft per-row"
+    assert {lora.mode for lora in step._loras.values()} == {mode}
     assert hook_count(chain.parts.unet) == before, "the LoRA hooks must be removed after a step"
     inputs = batch(3, 4, ["char2", "char2", None], kv=kv)  # another mix, another rank set
     assert (step(inputs) - peft_per_row(chain, inputs)).abs().max().item() < TOL

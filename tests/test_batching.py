@@ -174,3 +174,26 @@ def test_bucket_padding_costs_nothing_for_a_power_of_two(tiny_chain, monkeypatch
     finally:
         hook.remove()
     assert seen == [2, 2, 2, 2, 16, 16]
+
+
+def test_the_step_is_built_for_the_samplers_row_capacity(monkeypatch):
+    """A back-end with a fixed row range (TensorRT's profile) gets the Sampler's capacity
+    (``cluster.max_batch`` x rows per frame), and is rebuilt when a caller needs more rows."""
+    import engine.accel.backends as backends
+
+    chain = FrameChain(build_components(ModelConfig(preset="tiny", seed=3)))  # a fresh step cache
+    built: list[int | None] = []
+    real = backends.make_step
+
+    def recording(backend, parts, context, **kw):
+        built.append(kw.get("max_rows"))
+        step = real("eager", parts, context)
+        step.limits = {"rows": kw.get("max_rows", 32)}  # as TensorRTStep has
+        return step
+
+    monkeypatch.setattr(backends, "make_step", recording)
+    job = make_jobs(chain, steps=1)[0]
+    BatchDenoiser(chain, pad_rows=16).denoise([job])
+    BatchDenoiser(chain, pad_rows=8).denoise([job])  # fits the step built for 16
+    BatchDenoiser(chain, pad_rows=48).denoise([job])
+    assert built == [16, 48]

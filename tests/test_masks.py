@@ -11,8 +11,8 @@ from conftest import tiny_config
 from PIL import Image
 
 from engine.config import ConfigError
-from engine.pose import PoseSequence, resample, save_poses_json
 from engine.method import prepare_poses
+from engine.pose import PoseSequence, resample, save_poses_json
 from engine.session import CharacterChain, source_frame_index
 
 SOURCE_W, SOURCE_H, SOURCE_FRAMES = 128, 64, 12

@@ -28,13 +28,18 @@ def default_cache_dir() -> Path:
     return Path(root).expanduser() / "accel"
 
 
+MAX_ROWS = 32
+"""Rows per call a fixed-range back-end (TensorRT) is built for when nobody says
+(:func:`step_for` passes the Sampler's capacity)."""
+
+
 def make_step(
     backend: str,
     parts: DiffusionComponents,
     context: CrossFrameContext,
     *,
     cache_dir: Path | None = None,
-    max_rows: int = 32,
+    max_rows: int = MAX_ROWS,
 ) -> DenoiseStep:
     """The denoise step of ``backend`` over ``parts``; :class:`BackendUnavailableError` (one line,
     naming the fix) when it cannot run here. Never falls back to another back-end."""
@@ -62,12 +67,19 @@ def make_step(
 _STEPS: weakref.WeakKeyDictionary[Any, DenoiseStep] = weakref.WeakKeyDictionary()
 
 
-def step_for(chain: Any) -> DenoiseStep:
+def step_for(chain: Any, max_rows: int | None = None) -> DenoiseStep:
     """The denoise step of a :class:`~engine.chain.FrameChain` (``chain.parts``, ``chain.context``),
-    built on first use from ``chain.parts.backend`` and kept as long as the chain lives."""
+    built on first use from ``chain.parts.backend`` and kept as long as the chain lives.
+
+    ``max_rows``: the most rows one call will carry (the Sampler's capacity: ``cluster.max_batch``
+    x rows per frame); a back-end with a fixed row range (TensorRT's optimisation profile) is
+    built for it, and rebuilt if a later caller needs more."""
     step = _STEPS.get(chain)
-    if step is None:
-        step = _STEPS[chain] = make_step(chain.parts.backend, chain.parts, chain.context)
+    limit = getattr(step, "limits", {}).get("rows")
+    if step is None or (max_rows is not None and limit is not None and limit < max_rows):
+        rows = max_rows if max_rows is not None else MAX_ROWS
+        step = make_step(chain.parts.backend, chain.parts, chain.context, max_rows=rows)
+        _STEPS[chain] = step
     return step
 
 

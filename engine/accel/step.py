@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -103,21 +104,37 @@ class LoraPacks:
         return lora_a, lora_b, torch.tensor(index, device=lora_a.device)
 
 
-class EagerLora:
-    """Per-row LoRA in the eager step: each adapted projection computes ``base(x) + (x ·
-    A[idx]ᵀ) · B[idx]ᵀ`` (:func:`add_low_rank`, the compiled graphs' math) while armed.
+MERGED_BYTES = 256 * 2**20
+"""Largest total size of the per-row merged weights :class:`EagerLora` builds (rows x every
+slot's in x out); a batch over it uses the low-rank update instead (``sd15`` at 16 rows would
+need ≈3 GB)."""
 
-    Arming replaces the forward of each slot's peft layer by that one expression (an instance
-    attribute, deleted by :meth:`disarm`: peft's layer is untouched); armed with no adapters it is
-    the base ``F.linear`` alone (bitwise what peft's disabled layer computes). A forward hook
-    would leave peft's own forward running too, and peft's dispatch per layer cost +4-5 % of a
-    tiny step. The per-row matrices are gathered once per (adapter pack, row order) and reused by
-    every step of the batch: rows x rank x (in + out) floats per projection, held until the next.
+
+class EagerLora:
+    """Per-row LoRA in the eager step, armed for a batch whose rows use different adapters.
+
+    Arming replaces the forward of each slot's peft layer (an instance attribute, deleted by
+    :meth:`disarm`: peft's layer is untouched) by one of:
+
+    - **merged** (when the rows' weights fit :data:`MERGED_BYTES`): each row's own weight
+      ``W + s·B[idx]·A[idx]``, built once per (adapter pack, row order) and reused by every step
+      of the batch, applied in one ``baddbmm`` — the same single kernel a plain ``Linear`` is, so
+      a mixed batch costs almost what a base batch does (tiny: +7-9 % with the low-rank pair,
+      +3-5 % merged; small: +3.7 % vs +1.3 %, benchmarks/accel.py);
+    - **low-rank**: ``base(x) + (x · A[idx]ᵀ) · B[idx]ᵀ`` (:func:`add_low_rank`, the compiled
+      graphs' math), for models whose per-row weights would not fit;
+    - **base** (no adapter in the batch): the base ``F.linear`` alone, bitwise what peft's
+      disabled layer computes.
+
+    A forward hook would leave peft's own forward running too, and peft's dispatch per layer cost
+    +4-5 % of a tiny step.
     """
 
     def __init__(self, unet: torch.nn.Module, layout: LoraLayout):
         self.layout = layout
         self.modules = slot_modules(unet, layout)
+        self.mode = "base"
+        """How the last :meth:`arm` applies the adapters: ``base``, ``merged`` or ``low-rank``."""
         self._key: tuple | None = None
         self._forwards: list[Callable[..., torch.Tensor]] = []
 
@@ -127,19 +144,19 @@ class EagerLora:
         if inputs is None:
             key = ("base",)
         if key != self._key:
+            bases = [getattr(m, "base_layer", m) for m in self.modules]
             if inputs is None:
-                pairs: list = [None] * len(self.modules)
+                self.mode, self._forwards = "base", [_base_forward(b) for b in bases]
             else:
                 spans = zip(self.layout.slots, self.layout.offsets(), strict=True)
                 r = self.layout.rank
-                pairs = [
-                    tuple(m.contiguous() for m in select_lora(inputs, s, r, oa, ob))
-                    for s, (oa, ob) in spans
-                ]
-            self._forwards = [
-                _low_rank_forward(getattr(m, "base_layer", m), pair)
-                for m, pair in zip(self.modules, pairs, strict=True)
-            ]
+                pairs = [select_lora(inputs, s, r, oa, ob) for s, (oa, ob) in spans]
+                rows = int(inputs[2].shape[0])
+                size = inputs[0].element_size() * rows
+                merged = size * sum(s.in_features * s.out_features for s in self.layout.slots)
+                self.mode = "merged" if merged <= MERGED_BYTES else "low-rank"
+                row_forward = _merged_forward if self.mode == "merged" else _low_rank_forward
+                self._forwards = [row_forward(b, p) for b, p in zip(bases, pairs, strict=True)]
             self._key = key
         for module, forward in zip(self.modules, self._forwards, strict=True):
             module.__dict__["forward"] = forward  # nn.Module.__setattr__ costs 5 µs a call
@@ -150,23 +167,47 @@ class EagerLora:
             module.__dict__.pop("forward", None)
 
 
-def _low_rank_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor] | None):
+def _linear(base: torch.nn.Module) -> torch.nn.Linear:
     assert isinstance(base, torch.nn.Linear)  # lora_layout checked every slot
-    weight, bias = base.weight, base.bias
+    return base
+
+
+def _base_forward(base: torch.nn.Module) -> Callable[..., torch.Tensor]:
+    weight, bias = _linear(base).weight, _linear(base).bias
     linear = torch.nn.functional.linear
-    if pair is None:
-        return lambda x, *_, **__: linear(x, weight, bias)
-    at, bt = pair
+    return lambda x, *_, **__: linear(x, weight, bias)
+
+
+def _low_rank_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor]):
+    weight, bias = _linear(base).weight, _linear(base).bias
+    linear = torch.nn.functional.linear
+    at, bt = (m.contiguous() for m in pair)
     return lambda x, *_, **__: add_low_rank(x, linear(x, weight, bias), at, bt)
 
 
+def _merged_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor]):
+    """``x · (W + B·A)ᵀ[row] + bias`` with each row's merged weight ``(rows, in, out)``."""
+    weight, bias = _linear(base).weight, _linear(base).bias
+    at, bt = pair  # (rows, in, r), (rows, r, out)
+    wt = torch.baddbmm(weight.t().unsqueeze(0), at, bt).contiguous()
+    rows, size_in, size_out = wt.shape
+    if bias is None:
+        bias = wt.new_zeros(size_out)
+
+    def forward(x: torch.Tensor, *_, **__) -> torch.Tensor:
+        out = torch.baddbmm(bias, x.reshape(rows, -1, size_in), wt)
+        return out.reshape(*x.shape[:-1], size_out)
+
+    return forward
+
+
 class EagerStep:
-    """The PyTorch step: diffusers ControlNet + UNet; per-row LoRA as one batched low-rank update
-    per adapted projection (:class:`EagerLora`, armed for the call). Equal to peft's per-row
-    ``adapter_names`` path within fp rounding (tests/test_accel_lora.py: 1e-5), whose loop over
-    adapters per layer cost +35-45 % per step on ``tiny``; this costs +7 % there (32 extra small
-    matmul pairs) and +3-5 % on ``small`` (benchmarks/accel.py). A batch where no row has an
-    adapter runs the base projections only (bitwise the base model)."""
+    """The PyTorch step: diffusers ControlNet + UNet; per-row LoRA by :class:`EagerLora` (each
+    row's merged weight in one ``baddbmm`` per projection, or the batched low-rank update for
+    models too large to merge), armed for the call. Equal to peft's per-row ``adapter_names``
+    path within fp rounding (tests/test_accel_lora.py: 1e-5), whose loop over adapters per layer
+    cost +35-45 % per step on ``tiny``. A batch where no row has an adapter runs the base
+    projections only (bitwise the base model)."""
 
     name = "eager"
 
@@ -174,14 +215,18 @@ class EagerStep:
         self.parts, self.context = parts, context
         self._packs = LoraPacks(parts.unet)
         self._loras: dict[int, EagerLora] = {}  # by rank (0: the base alone)
+        self._unarmed_at: tuple[int, bool] = (-1, True)
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         ctx = self.context
         ctx.ref_index = inputs.ref_index
         ctx.include_self = inputs.include_self
         lora = self._arm(inputs.adapters)
+        # Armed projections bypass peft; any other peft layer must run the base model. Entering
+        # peft's context costs ≈1 % of a tiny step, so it is skipped when nothing is left to it.
+        rest = per_row_adapters(self.parts.unet, [None]) if self._unarmed() else nullcontext()
         try:
-            with per_row_adapters(self.parts.unet, [None]):  # peft layers (if any) run the base
+            with rest:
                 return controlnet_unet(
                     self.parts.unet,
                     self.parts.controlnet,
@@ -195,6 +240,16 @@ class EagerStep:
             ctx.ref_index = None
             if lora is not None:
                 lora.disarm()
+
+    def _unarmed(self) -> bool:
+        """Whether the UNet has peft LoRA layers outside the armed slots (cached per adapter
+        generation; the layout takes every ``UNET_TARGETS`` projection, so normally False)."""
+        unet = self.parts.unet
+        generation = lora_generation(unet)
+        if self._unarmed_at[0] != generation:
+            slots = {id(m) for m in slot_modules(unet, self._packs.layout(0))}
+            self._unarmed_at = (generation, any(id(m) not in slots for m in lora_layers(unet)))
+        return self._unarmed_at[1]
 
     def _arm(self, names: Sequence[str | None]) -> EagerLora | None:
         """The projections armed with the batch's adapters (or the base when no row has one);

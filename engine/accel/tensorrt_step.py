@@ -110,6 +110,11 @@ class TensorRTStep(OnnxStep):
 
         def run(tensors: list[torch.Tensor]) -> torch.Tensor:
             names = module.input_names()
+            if tensors[0].shape[0] > self.limits["rows"]:
+                raise ValueError(
+                    f"a batch of {tensors[0].shape[0]} rows exceeds the TensorRT engine's profile "
+                    f"(1…{self.limits['rows']} rows, from cluster.max_batch)"
+                )
             if not state:
                 if not engine_file.exists():
                     onnx_file = folder / "step.onnx"
