@@ -2,14 +2,17 @@
 
     python -m benchmarks.accel --preset tiny --rows 8 --backends eager,onnx,compile --threads
     python -m benchmarks.accel --preset tiny --no-backends --compile-static   # minutes on 2 cores
+    python -m benchmarks.accel --preset tiny --no-backends --deep-cache 2,3,5
 
 Prints a table and writes ``out/bench/accel-<preset>.json``. Step times are the median CPU time
 (one thread) of ``--repeats`` interleaved calls after one warm-up (which also exports /
 compiles); the first call's wall time is reported apart.
 ``--threads`` times one whole frame (``--steps`` DDIM steps, CFG) with 1 thread and with torch's
 default, each with the machine idle and with a busy-loop process occupying one core.
-``--compile-static`` / ``--compile-dynamic`` time torch.compile (``dynamic=False``, one shape;
-``dynamic=True``, shape-generic: what ``model.backend: compile`` builds) against eager. The eager
+``--deep-cache 2,3,5`` times DeepCache at those intervals against off, with what it changes in
+the frames and in how much the pose steers them. ``--compile-static`` / ``--compile-dynamic``
+time torch.compile (``dynamic=False``, one shape; ``dynamic=True``, shape-generic: what
+``model.backend: compile`` builds) against eager. The eager
 rows include the pre-runtime-LoRA path (peft's per-row ``adapter_names``) for comparison.
 """
 
@@ -183,6 +186,69 @@ def bench_compile(preset: str, rows: int, repeats: int, dynamic: bool = False) -
     }
 
 
+def bench_deep_cache(
+    preset: str, characters: int, steps: int, intervals: list[int], repeats: int
+) -> list[dict]:
+    """DeepCache (``sampler.deep_cache``) at each of ``intervals`` (0 = off) on one batch of
+    ``characters`` frames (CFG, ``steps`` DDIM steps, inter-frame ``none``): seconds per batch
+    (CPU time of this thread, interleaved), the frames' mean |Δ| and PSNR against interval 0,
+    and how much the pose still steers the image: the same frames drawn at other poses, and the
+    cosine and norm ratio of (frame at pose A − frame at pose B) against interval 0's."""
+    import numpy as np
+
+    from engine.batching import BatchDenoiser, FrameJob, decode_frames
+    from engine.chain import FrameChain, FrameSettings
+    from engine.config import ModelConfig, load_config
+    from engine.models.registry import build_components
+    from engine.pose import render_pose_map, synthetic_dance
+
+    parts = build_components(ModelConfig(preset=preset, device="cpu", threads=1))
+    chain = FrameChain(parts)
+    size = 64 if preset.startswith("tiny") else 128 if "small" in preset else 512
+    keypoints = synthetic_dance(frames=2 * characters, fps=8, width=size, height=size).keypoints
+    pose = [chain.image_tensor(render_pose_map(k, size, size)) for k in keypoints]
+    text = chain.encode_prompt("a woman in a red dress dancing on a beach", "blurry")
+    denoiser = BatchDenoiser(chain)
+
+    def jobs(interval: int, other_pose: bool) -> list:
+        overrides = [f"sampler.steps={steps}", "alignment.inter_frame=none"]
+        config = load_config(
+            None, preset=preset, overrides=[*overrides, f"sampler.deep_cache={interval}"]
+        )
+        settings = FrameSettings.from_config(config)
+        shift = characters if other_pose else 0
+        return [FrameJob(0, 100 + k, pose[k + shift], text, settings) for k in range(characters)]
+
+    def images(interval: int, other_pose: bool) -> np.ndarray:
+        latents = denoiser.denoise(jobs(interval, other_pose))
+        frames = decode_frames(chain, latents, "none", len(latents))
+        return np.stack([f for f in frames if f is not None]).astype(np.float64)
+
+    work = {n: jobs(n, False) for n in intervals}
+    seconds = _time({n: lambda j=work[n]: denoiser.denoise(j) for n in intervals}, repeats)
+    with torch.no_grad():
+        ref_a, ref_b = images(0, False), images(0, True)
+        steer = ref_a - ref_b
+        out = []
+        for n in intervals:
+            a, b = images(n, False), images(n, True)
+            mse = float(((a - ref_a) ** 2).mean())
+            d = a - b
+            cosine = float((d * steer).sum() / (np.linalg.norm(d) * np.linalg.norm(steer)))
+            out.append(
+                {
+                    "interval": n,
+                    "s_per_batch": seconds[n],
+                    "speedup": seconds[intervals[0]] / seconds[n],
+                    "mean_abs_vs_off": float(np.abs(a - ref_a).mean()),
+                    "psnr_vs_off_db": 10 * np.log10(255.0**2 / mse) if mse else float("inf"),
+                    "pose_effect_cosine": cosine,
+                    "pose_effect_norm_ratio": float(np.linalg.norm(d) / np.linalg.norm(steer)),
+                }
+            )
+    return out
+
+
 def _busy(stop) -> None:
     torch.set_num_threads(1)
     x = 0
@@ -241,6 +307,10 @@ def main() -> None:
     p.add_argument("--no-backends", action="store_true", help="skip the back-end table")
     p.add_argument("--threads", action="store_true", help="also measure CPU threads under load")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--deep-cache", default="", metavar="N,N", help="also DeepCache at these intervals (2,3,5)"
+    )
+    p.add_argument("--characters", type=int, default=4, help="frames per DeepCache batch")
     p.add_argument("--out", type=Path, default=Path("out/bench"))
     args = p.parse_args()
     machine = (
@@ -275,6 +345,25 @@ def main() -> None:
             f"({c['speedup']:.2f}x), max abs err {c['max_abs_err']:.1e}; {c['rows'] // 2} rows "
             f"({second}) {c['recompile_s_other_batch']:.0f} s"
         )
+    if args.deep_cache:
+        intervals = [0, *(int(n) for n in args.deep_cache.split(","))]
+        report["deep_cache"] = rows = bench_deep_cache(
+            args.preset, args.characters, args.steps, intervals, max(3, args.repeats // 3)
+        )
+        print(
+            f"\n# DeepCache, {args.characters} frames x {args.steps} steps with CFG per batch "
+            "(interval 0 = off)"
+        )
+        print(
+            f"{'interval':>8} {'s/batch':>8} {'speedup':>7} {'|Δ| grey':>8} {'PSNR dB':>7} "
+            f"{'pose cos':>8} {'pose norm':>9}"
+        )
+        for r in rows:
+            print(
+                f"{r['interval']:8d} {r['s_per_batch']:8.2f} {r['speedup']:7.2f} "
+                f"{r['mean_abs_vs_off']:8.2f} {r['psnr_vs_off_db']:7.1f} "
+                f"{r['pose_effect_cosine']:8.3f} {r['pose_effect_norm_ratio']:9.3f}"
+            )
     if args.threads:
         report["threads"] = bench_threads(args.steps, frames=2)
         print(f"\n# tiny, one frame of {args.steps} steps with CFG")

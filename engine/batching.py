@@ -121,6 +121,10 @@ class _Run:
     step: int = 0
     blend_steps: int = 0
     rows: list[int] = field(default_factory=list)
+    span: tuple[int, int] = (0, 0)
+    """Its rows in the current forward pass (own, then references)."""
+    deep: torch.Tensor | None = None
+    """DeepCache: its rows' deep features from the last key step."""
 
     @property
     def done(self) -> bool:
@@ -141,11 +145,13 @@ class BatchDenoiser:
         self.sched = chain.scheduler
 
     @staticmethod
-    def signature(job: FrameJob) -> tuple[int, int, int, bool, bool]:
-        """Jobs with equal signatures may share a batch: (height, width, steps, kv, kv self)."""
+    def signature(job: FrameJob) -> tuple[int, int, int, bool, bool, int]:
+        """Jobs with equal signatures may share a batch: (height, width, steps, kv, kv self,
+        DeepCache interval)."""
         _, _, height, width = job.pose.shape
         s = job.settings
-        return height, width, s.steps, "kv" in s.inter_frame, s.kv_include_self
+        deep = s.deep_cache if s.deep_cache > 1 else 0
+        return height, width, s.steps, "kv" in s.inter_frame, s.kv_include_self, deep
 
     @torch.no_grad()
     def denoise(self, jobs: Sequence[FrameJob]) -> list[torch.Tensor]:
@@ -155,11 +161,15 @@ class BatchDenoiser:
                 "jobs of one batch must share size and inter-frame mode; group them by signature()"
             )
         runs = [self._start(job) for job in jobs]
+        interval, loop = self.signature(jobs[0])[-1], 0
         while not all(r.done for r in runs):
             active = [r for r in runs if not r.done]
-            eps = self._forward(active)
+            # DeepCache: a whole step first and every ``interval``-th after (the batch's rows
+            # only shrink as frames finish, so every active run has features kept then).
+            eps = self._forward(active, deep=(loop % interval == 0) if interval else None)
             for run in active:
                 self._advance(run, eps)
+            loop += 1
         return [r.latents for r in runs]
 
     # -- setup -----------------------------------------------------------------------------
@@ -193,8 +203,11 @@ class BatchDenoiser:
 
     # -- one step ----------------------------------------------------------------------------
 
-    def _forward(self, active: list[_Run]) -> torch.Tensor:
-        """One ControlNet + UNet pass over every active job's rows → (B, 4, h, w) noise preds."""
+    def _forward(self, active: list[_Run], deep: bool | None = None) -> torch.Tensor:
+        """One ControlNet + UNet pass over every active job's rows → (B, 4, h, w) noise preds.
+
+        ``deep`` (DeepCache): True = a whole step that keeps each run's deep features, False = the
+        shallow branch on the kept ones, None = a whole step, nothing kept."""
         latents: list[torch.Tensor] = []
         steps: list[torch.Tensor] = []
         text: list[torch.Tensor] = []
@@ -220,6 +233,7 @@ class BatchDenoiser:
             steps += [t] * count
             scale += [run.job.settings.controlnet_scale] * count
             names += [run.job.adapter] * count
+            run.span = (first, first + count)
             padded = (ref_rows * REF_SLOTS)[:REF_SLOTS] if ref_rows else None
             ref_cols += [padded or [row] * REF_SLOTS for row in own] + [
                 [row] * REF_SLOTS for row in ref_rows
@@ -237,9 +251,13 @@ class BatchDenoiser:
         weights = _pad(torch.tensor(scale, dtype=x.dtype, device=x.device), pad).view(-1, 1, 1, 1)
         # No row with a reference (frame 0 alone): plain self-attention, the shapes of ``none``.
         has_refs = uses_kv and any(r.refs for r in active)
-        from engine.accel import StepInputs, step_for  # model.backend's denoise step
+        from engine.accel import DeepFeatures, StepInputs, step_for  # model.backend's step
 
-        return step_for(self.chain, self.pad_rows)(
+        features = None
+        if deep is not None:
+            kept = None if deep else _pad(torch.cat([r.deep for r in active]), pad)  # type: ignore[misc]
+            features = DeepFeatures(reuse=kept)
+        eps = step_for(self.chain, self.pad_rows)(
             StepInputs(
                 sample=self.sched.scale_model_input(x, timestep),
                 timestep=timestep,
@@ -249,8 +267,13 @@ class BatchDenoiser:
                 ref_index=torch.tensor(ref_cols, device=x.device) if has_refs else None,
                 include_self=active[0].job.settings.kv_include_self,
                 adapters=names,
+                deep=features,
             )
         )
+        if features is not None and features.kept is not None:
+            for run in active:
+                run.deep = features.kept[run.span[0] : run.span[1]]
+        return eps
 
     def _advance(self, run: _Run, eps: torch.Tensor) -> None:
         """Guidance, one solver step and background blending for one job."""

@@ -62,6 +62,8 @@ class FrameSettings:
     blend_until: float
     scheduler: str = "ddim"
     """``ddim`` or ``dpmpp_2m`` (``sampler.scheduler``)."""
+    deep_cache: int = 0
+    """``sampler.deep_cache``: a whole-UNet step every N steps (0 or 1 = every step)."""
 
     @classmethod
     def from_config(cls, config: RenderConfig) -> FrameSettings:
@@ -77,6 +79,7 @@ class FrameSettings:
             latent_strength=config.chain.latent_strength,
             blend_until=config.chain.blend_until,
             scheduler=config.sampler.scheduler,
+            deep_cache=config.sampler.deep_cache,
         )
 
 

@@ -86,6 +86,10 @@ class SamplerConfig(_Base):
     scheduler: Literal["ddim", "dpmpp_2m"] = "ddim"
     """Sampler: ``ddim``, or ``dpmpp_2m`` (DPM-Solver++ 2M, diffusers'
     DPMSolverMultistepScheduler; comparable quality at about half the steps, see README "Speed")."""
+    deep_cache: int = Field(default=0, ge=0, le=50)
+    """DeepCache: the whole UNet runs every ``deep_cache``-th step, the steps between reuse its
+    deep features and run only the shallow branch (engine/accel/deepcache.py); 0 or 1 = off.
+    Opt-in: see README "Speed" for what it costs in fidelity. ``model.backend: eager`` only."""
 
     @model_validator(mode="after")
     def _eta_is_ddim_only(self) -> SamplerConfig:
@@ -304,6 +308,11 @@ class RenderConfig(_Base):
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
                 "the random-weight presets run in float32; use model.dtype=float32"
+            )
+        if self.sampler.deep_cache > 1 and self.model.backend != "eager":
+            raise ValueError(
+                f"sampler.deep_cache={self.sampler.deep_cache} runs on model.backend=eager only "
+                f"(the {self.model.backend} graph runs the whole UNet); set sampler.deep_cache=0"
             )
         if (
             not (self.chain.kv_previous or self.chain.kv_anchor)

@@ -2,6 +2,7 @@
 
 :class:`DenoiseStep` maps one batch (:class:`StepInputs`) to noise predictions; every back-end
 keeps the cross-frame attention and per-row LoRA (as runtime inputs in the compiled graphs).
+The eager step also runs DeepCache (:mod:`engine.accel.deepcache`, ``sampler.deep_cache``).
 """
 
 from engine.accel.backends import (
@@ -12,11 +13,13 @@ from engine.accel.backends import (
     step_for,
     use_step,
 )
+from engine.accel.deepcache import DeepFeatures
 from engine.accel.step import DenoiseStep, EagerStep, GraphStep, StepInputs
 
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DeepFeatures",
     "DenoiseStep",
     "EagerStep",
     "GraphStep",

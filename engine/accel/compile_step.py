@@ -42,7 +42,7 @@ class CompileStep(GraphStep):
         compiled = torch.compile(module, dynamic=self.dynamic, backend=self.backend)
         # Duck sizing would tie sizes that happen to be equal when first traced (8 rows of an 8×8
         # latent): the next batch size then breaks that guard and recompiles (≈200 s on tiny).
-        shapes = fx_config.patch(use_duck_shape=not self.dynamic)
+        shapes = fx_config.patch(use_duck_shape=not self.dynamic)  # type: ignore[attr-defined]
 
         def run(tensors: list[torch.Tensor]) -> torch.Tensor:
             with torch.no_grad(), shapes:

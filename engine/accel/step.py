@@ -18,6 +18,12 @@ from typing import Protocol
 
 import torch
 
+from engine.accel.deepcache import (
+    DeepFeatures,
+    check_supported,
+    keep_deep_features,
+    shallow_step,
+)
 from engine.accel.graph import (
     LoraLayout,
     StepModule,
@@ -55,6 +61,9 @@ class StepInputs:
     """``kv``: rows attend to their own tokens besides the references'."""
     adapters: Sequence[str | None]
     """Appearance LoRA per row (None = base model), names loaded on the UNet."""
+    deep: DeepFeatures | None = None
+    """DeepCache (``sampler.deep_cache``): keep the deep features (key step) or run the shallow
+    branch on kept ones; None = the whole step, nothing kept. Eager step only."""
 
 
 class DenoiseStep(Protocol):
@@ -216,6 +225,7 @@ class EagerStep:
         self._packs = LoraPacks(parts.unet)
         self._loras: dict[int, EagerLora] = {}  # by rank (0: the base alone)
         self._unarmed_at: tuple[int, bool] = (-1, True)
+        self._deep_checked = False
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
         ctx = self.context
@@ -225,8 +235,26 @@ class EagerStep:
         # Armed projections bypass peft; any other peft layer must run the base model. Entering
         # peft's context costs ≈1 % of a tiny step, so it is skipped when nothing is left to it.
         rest = per_row_adapters(self.parts.unet, [None]) if self._unarmed() else nullcontext()
+        deep = inputs.deep
+        keep = None
+        if deep is not None and not self._deep_checked:
+            check_supported(self.parts.unet, self.parts.controlnet)
+            self._deep_checked = True
         try:
             with rest:
+                if deep is not None and deep.reuse is not None:
+                    return shallow_step(
+                        self.parts.unet,
+                        self.parts.controlnet,
+                        inputs.sample,
+                        inputs.timestep,
+                        inputs.text,
+                        inputs.pose,
+                        inputs.control_scale,
+                        deep.reuse,
+                    )
+                if deep is not None:
+                    keep = keep_deep_features(self.parts.unet, deep)
                 return controlnet_unet(
                     self.parts.unet,
                     self.parts.controlnet,
@@ -238,6 +266,8 @@ class EagerStep:
                 )
         finally:
             ctx.ref_index = None
+            if keep is not None:
+                keep.remove()
             if lora is not None:
                 lora.disarm()
 
@@ -290,6 +320,10 @@ class GraphStep(ABC):
         self._packs = LoraPacks(parts.unet)
 
     def __call__(self, inputs: StepInputs) -> torch.Tensor:
+        if inputs.deep is not None:
+            raise ValueError(
+                f"sampler.deep_cache runs on model.backend=eager only, not {self.name}"
+            )
         wanted = sorted({n for n in inputs.adapters if n is not None})
         rank = adapter_rank(self.parts.unet, wanted) if wanted else 0
         kv = inputs.ref_index is not None
