@@ -18,6 +18,9 @@ For each preset, in one run, on the same seeded random-weight models and the sam
   started and warmed up before the clock starts.
 - (d) ``ray_full``: (c) with the full method (appearance LoRA per character, background plate,
   ``latent`` inter-frame alignment): the cost of the alignment stages.
+- ``engine[OPTION]`` (``--options``): (b) again with one back-end or sampling option on
+  (``onnx``, ``compile``, ``dpmpp_2m:STEPS``, ``deep_cache:N``), with its frames/s over (b)'s and
+  over (a2)'s, and how far its frames are from (b)'s.
 
 Every variant is warmed up (a 1-frame, 1-step call or render) before timing; (a), (a2), (b),
 bare and (c) run ``--repeat`` passes in interleaved rounds (a, a2, b, bare, c, a, …; all stay
@@ -26,6 +29,7 @@ threads per process, Ray actors included (``model.threads``). Prints a markdown 
 and writes JSON (machine, settings, runs, ratios, frame checks, load averages)::
 
     python -m benchmarks.throughput --presets tiny:8x8x20,small:4x4x10
+    python -m benchmarks.throughput --presets tiny --options onnx,dpmpp_2m:14,deep_cache:3
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from typing import Any
 from benchmarks import common
 from benchmarks.common import best, timed
 from benchmarks.throughput_runs import (
+    OPTIONS,
     Bare,
     Engine,
     EngineTrace,
@@ -49,6 +54,7 @@ from benchmarks.throughput_runs import (
     Plain,
     RayCore,
     Variant,
+    option_overrides,
     plain_pipeline,
     sampler_padding,
 )
@@ -131,6 +137,11 @@ def like_for_like(case: Case, threads: int) -> list[str]:
     ]
 
 
+def option_run(option: str) -> str:
+    """The run name of (b) with ``option`` on (a key of the JSON's runs)."""
+    return f"engine[{option}]"
+
+
 def bench_case(
     case: Case,
     root: Path,
@@ -140,6 +151,7 @@ def bench_case(
     repeat: int,
     timeout_s: float,
     ray: bool = True,
+    options: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run every variant for one preset → the preset's result dict of the JSON."""
     shutil.rmtree(root, ignore_errors=True)
@@ -178,6 +190,10 @@ def bench_case(
         "engine": lambda: Engine(characters, engine, root, timeout_s),
         "bare": lambda: Bare(engine_trace(), characters, engine),
     }
+    for option in options:
+        builders[option_run(option)] = lambda o=option: Engine(
+            characters, engine, root, timeout_s, option=o
+        )
     if ray:
         builders["ray"] = lambda: RayCore(characters, engine, root, timeout_s)
     records: dict[str, list[dict[str, Any]]] = {name: [] for name in builders}
@@ -200,10 +216,18 @@ def bench_case(
     reference = variants["engine"].frames
     checks = {
         f"{name}_vs_engine": common.frame_diffs(reference, variants[name].frames)
-        for name in ("plain", "plain_batched", "bare", "ray")
+        for name in ("plain", "plain_batched", "bare", "ray", *map(option_run, options))
         if name in variants
     }
     ratios = compute_ratios(runs)
+    for option in options:  # each option's frames/s over (b)'s and over the batched peer's
+        mine = runs[option_run(option)]["frames_per_s"]
+        ratios[f"{option_run(option)}_over_engine"] = round(
+            mine / runs["engine"]["frames_per_s"], 4
+        )
+        ratios[f"{option_run(option)}_over_plain_batched"] = round(
+            mine / runs["plain_batched"]["frames_per_s"], 4
+        )
     c = characters[0].config
     return {
         "preset": case.preset,
@@ -215,6 +239,7 @@ def bench_case(
         "max_batch": engine.cluster.max_batch,
         "threads": threads,
         "repeat": repeat,
+        "options": list(options),
         "padding": sampler_padding(engine, c.alignment.inter_frame),
         "cluster": engine.cluster.model_dump(mode="json"),
         "runs": runs,
@@ -250,6 +275,21 @@ def markdown(result: dict[str, Any], machine: dict[str, Any]) -> str:
             lines.append(
                 f"| {label} | {fmt(r['seconds'], 1)} | {fmt(r['frames_per_s'])} | "
                 f"{fmt(r['s_per_frame'])} | {samples} | {shown} |"
+            )
+    options = result.get("options", [])
+    if options:
+        lines += [
+            "",
+            "| (b) with option | frames/s | vs (b) | vs (a2) | frames vs (b): max \\|Δ\\| |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for option in options:
+            name = option_run(option)
+            diff = result["checks"].get(f"{name}_vs_engine", {}).get("max_abs", "—")
+            lines.append(
+                f"| {option} | {fmt(runs[name]['frames_per_s'])} | "
+                f"{fmt(result['ratios'][f'{name}_over_engine'])} | "
+                f"{fmt(result['ratios'][f'{name}_over_plain_batched'])} | {diff} |"
             )
     lines += ["", "| ratio (of frames/s) | value | target | result |", "|---|---:|---:|---|"]
     targets = {t["ratio"]: t for t in result["targets"]}
@@ -318,6 +358,12 @@ def _parser() -> argparse.ArgumentParser:
         default=1,
         help="torch threads per process, Ray actors included (default 1)",
     )
+    p.add_argument(
+        "--options",
+        default="",
+        help="(b) again with each of these on, comma list of "
+        f"{', '.join(OPTIONS)} (e.g. onnx,dpmpp_2m:14,deep_cache:3; compile takes minutes)",
+    )
     p.add_argument("--repeat", type=int, default=2, help="runs per variant, fastest kept")
     p.add_argument("--timeout", type=float, default=3600.0, help="per core run, seconds")
     p.add_argument("--out", type=Path, default=common.OUT / "throughput.json")
@@ -327,6 +373,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     cases = parse_cases(args.presets, args.characters, args.frames, args.steps)
+    options = [o for o in (x.strip() for x in args.options.split(",")) if o]
+    for option in options:
+        try:
+            option_overrides(option)
+        except ValueError as e:
+            _parser().error(str(e))
     full = (
         None
         if args.skip_full
@@ -339,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "full_method": asdict(full) if full else None,
             "threads": args.threads,
             "repeat": args.repeat,
+            "options": options,
         },
         "presets": {},
     }
@@ -353,6 +406,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 repeat=max(1, args.repeat),
                 timeout_s=args.timeout,
                 ray=not args.skip_ray,
+                options=options,
             )
             report["presets"][case.preset] = result
             tables.append(markdown(result, report["machine"]))

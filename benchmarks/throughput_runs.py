@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import Character, run_core, run_record, timed
-from engine.config import RenderConfig, load_config
+from engine.config import RenderConfig, apply_override, build_config, load_config
 
 
 @dataclass(frozen=True)
@@ -199,14 +199,28 @@ def _core_pass(
 
 
 class Engine(Variant):
-    """(b): the engine core with the in-process executor (models built once, warmed up)."""
+    """(b): the engine core with the in-process executor (models built once, warmed up); with
+    ``option`` (:func:`option_overrides`), (b) with one back-end or sampling option on."""
 
     def __init__(
-        self, characters: Sequence[Character], engine: RenderConfig, root: Path, timeout_s: float
+        self,
+        characters: Sequence[Character],
+        engine: RenderConfig,
+        root: Path,
+        timeout_s: float,
+        option: str | None = None,
     ):
         from engine.core import EngineCore, InProcessExecutor, RenderStore
 
-        self.characters, self.timeout_s, self.folder = characters, timeout_s, root / "engine"
+        name = "engine" if option is None else f"engine-{option.replace(':', '-')}"
+        if option is not None:
+            engine_set, spec_set = option_overrides(option)
+            data = engine.model_dump(mode="json")
+            for override in engine_set:
+                apply_override(data, override)
+            engine = build_config(data, f"option {option}")
+            characters = [_with(ch, spec_set) for ch in characters]
+        self.characters, self.timeout_s, self.folder = characters, timeout_s, root / name
         self.executor, build_s = timed(lambda: InProcessExecutor(engine))
         self.core = EngineCore(engine, RenderStore(self.folder), self.executor, resume=False)
         warm = [("warmup", common.warmup_spec(characters[0], root))]
@@ -227,6 +241,30 @@ class Engine(Variant):
 
     def close(self) -> None:
         self.core.close()
+
+
+OPTIONS = ("onnx", "compile", "dpmpp_2m:STEPS", "deep_cache:N")
+"""The options ``--options`` takes (each one more (b) column)."""
+
+
+def option_overrides(option: str) -> tuple[list[str], list[str]]:
+    """(engine overrides, spec overrides) of one of :data:`OPTIONS`; ValueError naming the
+    choices otherwise."""
+    name, _, value = option.partition(":")
+    if name in ("onnx", "compile") and not value:
+        backend = [f"model.backend={name}"]
+        return backend, backend
+    if name == "dpmpp_2m" and value.isdigit():
+        return [], ["sampler.scheduler=dpmpp_2m", f"sampler.steps={value}"]
+    if name == "deep_cache" and value.isdigit():
+        return [], [f"sampler.deep_cache={value}"]
+    raise ValueError(f"unknown option {option!r}: use one of {', '.join(OPTIONS)}")
+
+
+def _with(character: Character, overrides: Sequence[str]) -> Character:
+    spec = [*character.overrides, *overrides]
+    config = load_config(None, preset=character.config.model.preset, overrides=spec)
+    return replace(character, config=config, overrides=spec)
 
 
 def sampler_padding(engine: RenderConfig, inter_frame: str) -> tuple[int, str]:

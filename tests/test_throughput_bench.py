@@ -17,6 +17,7 @@ import torch
 
 from benchmarks import latency, memory
 from benchmarks.throughput import RATIOS, Case, compute_ratios, main, parse_cases
+from benchmarks.throughput_runs import option_overrides
 
 IN_PROCESS = ("plain", "plain_batched", "engine", "bare")
 
@@ -32,10 +33,23 @@ def test_parse_cases_and_ratios():
     assert ratios["engine_over_ray"] is None  # a missing run gives no ratio
 
 
+def test_options_name_their_overrides():
+    assert option_overrides("onnx") == (["model.backend=onnx"], ["model.backend=onnx"])
+    assert option_overrides("dpmpp_2m:14") == (
+        [],
+        ["sampler.scheduler=dpmpp_2m", "sampler.steps=14"],
+    )
+    assert option_overrides("deep_cache:3") == ([], ["sampler.deep_cache=3"])
+    for bad in ("tensorrt", "dpmpp_2m", "deep_cache:x"):
+        with pytest.raises(ValueError, match="use one of onnx, compile"):
+            option_overrides(bad)
+
+
 def test_throughput_benchmark_micro(tmp_path: Path):
     threads = torch.get_num_threads()
     out = tmp_path / "throughput.json"
     argv = ["--presets", "tiny:2x2x2", "--out", str(out), "--repeat", "2", "--skip-ray"]
+    argv += ["--options", "deep_cache:2"]
     assert main(argv) == 0
     assert torch.get_num_threads() == threads  # restored
 
@@ -46,7 +60,13 @@ def test_throughput_benchmark_micro(tmp_path: Path):
     assert (result["characters"], result["frames"], result["steps"]) == (2, 2, 2)
     assert result["size"] == [64, 64] and result["max_batch"] == 2
     runs = result["runs"]
-    assert set(runs) == set(IN_PROCESS)
+    assert set(runs) == {*IN_PROCESS, "engine[deep_cache:2]"}
+    option = runs.pop("engine[deep_cache:2]")  # (b) again with DeepCache on
+    assert option["frames"] == 4 and len(option["samples_s"]) == 2
+    assert result["ratios"]["engine[deep_cache:2]_over_engine"] == pytest.approx(
+        option["frames_per_s"] / runs["engine"]["frames_per_s"], rel=1e-3
+    )
+    assert 0 < result["checks"]["engine[deep_cache:2]_vs_engine"]["mean_abs"] < 2
     for name in IN_PROCESS:
         assert runs[name]["frames"] == 4, name
         assert runs[name]["seconds"] == min(runs[name]["samples_s"]), name  # best of two
