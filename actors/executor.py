@@ -226,7 +226,7 @@ class RayExecutor(Executor):
         elif refs:
             ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
         else:
-            time.sleep(min(timeout, 0.05))
+            self._doze(min(timeout, 0.05))  # nothing of ours in flight: the core's doorbell
             ready = []
         for ref in ready:
             if ref in self._busy:

@@ -112,6 +112,10 @@ class EngineCore:
         self._waiting_since: float | None = None
         self.stats: dict[str, Any] = {"batch_sizes": [], "batches": [], "retries": 0}
         self._closed = False
+        # Rung by the writer, finishers and loader (and the executor's background work) when
+        # they hand something over, so an idle step wakes for it instead of sleeping 50 ms.
+        self._doorbell = threading.Event()
+        executor.doorbell = self._doorbell
         if resume:
             for record in store.unfinished():
                 log.info("resuming render %s (%s)", record.id, record.state)
@@ -203,6 +207,7 @@ class EngineCore:
 
     def step(self, timeout: float = 0.5) -> None:
         """One schedule → execute → update round; waits up to ``timeout`` for work to finish."""
+        self._doorbell.clear()  # before taking: a hand-over after this rings again
         with self._lock:
             self._take_loaded()
             self._take_written()
@@ -247,6 +252,7 @@ class EngineCore:
                 self._loaded.put((render_id, load_render(store, render_id, config, model)))
             except BaseException as e:
                 self._loaded.put((render_id, e))
+            self._doorbell.set()
 
         self._loader.submit(load)
 
@@ -371,6 +377,7 @@ class EngineCore:
                 self._written.put((live.id, live.persist(outcome), None))
             except BaseException as e:
                 self._written.put((live.id, outcome.index, e))
+            self._doorbell.set()
 
         self._writer.submit(write)
 
@@ -482,6 +489,7 @@ class EngineCore:
                 self._finished.put((live.id, None))
             except BaseException as e:
                 self._finished.put((live.id, e))
+            self._doorbell.set()
 
         self._finisher.submit(run)
 

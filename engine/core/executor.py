@@ -10,6 +10,7 @@ process; ``actors.executor.RayExecutor`` keeps them in Ray actors.
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -109,6 +110,21 @@ class Executor(ABC):
     """Runs prepare stages and frame batches for an :class:`~engine.core.EngineCore`."""
 
     name: str = "executor"
+    doorbell: threading.Event | None = None
+    """Set by the core: rung by the core's own threads (a frame written, a render finished)
+    and by the executor's background work, so a :meth:`poll` that waits for nothing of the
+    executor's returns at once instead of sleeping out its timeout."""
+
+    def _ring(self) -> None:
+        if self.doorbell is not None:
+            self.doorbell.set()
+
+    def _doze(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds, or until the doorbell rings."""
+        if self.doorbell is None:
+            time.sleep(timeout)
+        else:
+            self.doorbell.wait(timeout)
 
     @abstractmethod
     def prepare(self, job: PrepareJob) -> None:
@@ -174,6 +190,7 @@ class InProcessExecutor(Executor):
         self._futures: set[Future[None]] = set()
         self.overlap = overlap
         self._pending: list[PrepareJob] = []
+        self.doorbell = threading.Event()  # the core's replaces it
 
     def prepare(self, job: PrepareJob) -> None:
         if not self.overlap:
@@ -200,6 +217,7 @@ class InProcessExecutor(Executor):
             nonlocal stage
             stage = name
             self._events.put(StageStarted(job.render_id, name))
+            self._ring()
             start = time.perf_counter()
             result = fn()
             seconds[key] = time.perf_counter() - start
@@ -221,6 +239,7 @@ class InProcessExecutor(Executor):
         except Exception as e:
             kind = classify(e)
             self._events.put(PrepareFailed(job.render_id, f"{stage}: {describe(e)}", kind))
+        self._ring()
 
     def open(self, render_id: str, spec: SessionSpec) -> None:
         self._specs[render_id] = spec
@@ -246,12 +265,8 @@ class InProcessExecutor(Executor):
             except Exception as e:
                 out.append(BatchFailed(batch_id, describe(e), classify(e)))
             timeout = 0.0
-        try:
-            out.append(
-                self._events.get(timeout=timeout) if timeout > 0 else self._events.get_nowait()
-            )
-        except queue.Empty:
-            return out
+        if timeout > 0 and self._events.empty():
+            self._doze(timeout)  # a prepare stage's event or the core's doorbell ends it
         while True:
             try:
                 out.append(self._events.get_nowait())
