@@ -125,6 +125,10 @@ class _Run:
     """Its rows in the current forward pass (own, then references)."""
     deep: torch.Tensor | None = None
     """DeepCache: its rows' deep features from the last key step."""
+    pose_features: torch.Tensor | None = None
+    """The ControlNet's embedding of its rows' poses (its own, once per own row, then its
+    references'), computed at its first step and reused by the others
+    (:func:`~engine.accel.graph.pose_features`)."""
 
     @property
     def done(self) -> bool:
@@ -252,12 +256,23 @@ class BatchDenoiser:
         # No row with a reference (frame 0 alone): plain self-attention, the shapes of ``none``.
         has_refs = uses_kv and any(r.refs for r in active)
         from engine.accel import DeepFeatures, StepInputs, step_for  # model.backend's step
+        from engine.accel.graph import pose_features
+
+        step = step_for(self.chain, self.pad_rows)
+        embedded = None
+        if getattr(step, "takes_pose_features", False):  # each frame's, once for all its steps
+            for run in active:
+                if run.pose_features is None:
+                    mine = [run.job.pose] * run.n_cur  # as a lone frame's forward embeds them
+                    poses = torch.cat([*mine, *(r.pose for r in run.refs)])
+                    run.pose_features = pose_features(self.chain.parts.controlnet, poses)
+            embedded = _pad(torch.cat([r.pose_features for r in active]), pad)  # type: ignore[misc]
 
         features = None
         if deep is not None:
             kept = None if deep else _pad(torch.cat([r.deep for r in active]), pad)  # type: ignore[misc]
             features = DeepFeatures(reuse=kept)
-        eps = step_for(self.chain, self.pad_rows)(
+        eps = step(
             StepInputs(
                 sample=self.sched.scale_model_input(x, timestep),
                 timestep=timestep,
@@ -267,6 +282,7 @@ class BatchDenoiser:
                 ref_index=torch.tensor(ref_cols, device=x.device) if has_refs else None,
                 include_self=active[0].job.settings.kv_include_self,
                 adapters=names,
+                pose_features=embedded,
                 deep=features,
             )
         )

@@ -197,3 +197,24 @@ def test_the_step_is_built_for_the_samplers_row_capacity(monkeypatch):
     BatchDenoiser(chain, pad_rows=8).denoise([job])  # fits the step built for 16
     BatchDenoiser(chain, pad_rows=48).denoise([job])
     assert built == [16, 48]
+
+
+@torch.no_grad()
+def test_each_frames_pose_is_embedded_once(tiny_chain, monkeypatch):
+    """The ControlNet's pose embedding (a function of the pose maps alone) runs once per frame,
+    not at every step, and the frames equal those of a step that embeds at every step."""
+    import engine.accel.step as step_module
+
+    embedding = type(tiny_chain.parts.controlnet.controlnet_cond_embedding)
+    calls: list[int] = []
+    real = embedding.forward
+    monkeypatch.setattr(embedding, "forward", lambda self, x: calls.append(len(x)) or real(self, x))
+    jobs = make_jobs(tiny_chain, steps=4)  # 3 frames: 2 own rows each, 0, 1 and 2 references
+    once = BatchDenoiser(tiny_chain).denoise(jobs)
+    assert calls == [2, 3, 4], "one embedding per frame, of its own and its references' rows"
+    monkeypatch.setattr(step_module.EagerStep, "takes_pose_features", False)
+    calls.clear()
+    every = BatchDenoiser(tiny_chain).denoise(jobs)
+    assert len(calls) == 4  # the whole batch's poses at each of the 4 steps
+    for a, b in zip(once, every, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

@@ -89,12 +89,17 @@ def shallow_step(
     pose: torch.Tensor,
     control_scale: torch.Tensor,
     deep: torch.Tensor,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """eps of a non-key step: the shallow branch of ControlNet and UNet on kept ``deep``
-    features (what :func:`keep_deep_features` stored at the last key step, rows aligned)."""
+    features (what :func:`keep_deep_features` stored at the last key step, rows aligned);
+    ``features``: the pose maps' precomputed embedding, or None."""
+    from engine.accel.graph import pose_features
+
     up = unet.up_blocks[-1]
     n = len(up.resnets)  # the skips it takes: conv_in's output and down block 0's resnets
-    c = controlnet.conv_in(sample) + controlnet.controlnet_cond_embedding(pose)
+    embedded = features if features is not None else pose_features(controlnet, pose)
+    c = controlnet.conv_in(sample) + embedded
     c_emb = _time_embedding(controlnet, sample, timestep)
     c_skips = ((c, *_down0(controlnet, c, c_emb, text)))[:n]
     zero_convs = controlnet.controlnet_down_blocks

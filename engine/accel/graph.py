@@ -18,7 +18,8 @@ inputs from the peft adapters loaded on the UNet.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -284,6 +285,32 @@ def _prime_slot_mask(context: CrossFrameContext, ref: torch.Tensor, include_self
     context._cache = (ref, include_self, slot_keep(ref, include_self))
 
 
+def pose_features(controlnet: nn.Module, pose: torch.Tensor) -> torch.Tensor:
+    """The ControlNet's embedding of pose maps (B, 3, H, W) in [0, 1] → (B, C, h, w): what it
+    adds to its input at every step, a function of the pose alone, so a frame's is computed once
+    and reused by all its steps (:class:`~engine.batching.BatchDenoiser`; diffusers' pipeline
+    recomputes it at every step: ≈23 % of a tiny step)."""
+    if controlnet.config.controlnet_conditioning_channel_order == "bgr":  # type: ignore[union-attr]
+        pose = torch.flip(pose, dims=[1])  # what ControlNetModel.forward does before embedding
+    return controlnet.controlnet_cond_embedding(pose)  # type: ignore[operator]
+
+
+@contextmanager
+def embedded_pose(controlnet: nn.Module, features: torch.Tensor | None) -> Iterator[None]:
+    """Inside the block the ControlNet's pose embedding returns ``features`` (from
+    :func:`pose_features`, rows aligned with the call's) instead of embedding the pose maps it
+    is given; None changes nothing."""
+    if features is None:
+        yield
+        return
+    module = controlnet.controlnet_cond_embedding
+    module.__dict__["forward"] = lambda _pose: features  # an instance attribute, removed after
+    try:
+        yield
+    finally:
+        module.__dict__.pop("forward", None)
+
+
 def controlnet_unet(
     unet: nn.Module,
     controlnet: nn.Module,
@@ -292,16 +319,19 @@ def controlnet_unet(
     text: torch.Tensor,
     pose: torch.Tensor,
     control_scale: torch.Tensor,
+    features: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """ControlNet residuals (times each row's ``control_scale``) fed into the UNet → eps."""
-    down, mid = controlnet(
-        sample,
-        timestep,
-        encoder_hidden_states=text,
-        controlnet_cond=pose,
-        conditioning_scale=1.0,
-        return_dict=False,
-    )
+    """ControlNet residuals (times each row's ``control_scale``) fed into the UNet → eps;
+    ``features``: the pose maps' embedding, precomputed (:func:`pose_features`), or None."""
+    with embedded_pose(controlnet, features):
+        down, mid = controlnet(
+            sample,
+            timestep,
+            encoder_hidden_states=text,
+            controlnet_cond=pose,
+            conditioning_scale=1.0,
+            return_dict=False,
+        )
     return unet(
         sample,
         timestep,

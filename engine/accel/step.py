@@ -61,6 +61,10 @@ class StepInputs:
     """``kv``: rows attend to their own tokens besides the references'."""
     adapters: Sequence[str | None]
     """Appearance LoRA per row (None = base model), names loaded on the UNet."""
+    pose_features: torch.Tensor | None = None
+    """(B, C, h, w) the ControlNet's embedding of ``pose`` (:func:`pose_features`: the same at
+    every step of a frame, so computed once), or None: the step embeds ``pose`` itself. Read by
+    steps whose ``takes_pose_features`` is true (the eager one)."""
     deep: DeepFeatures | None = None
     """DeepCache (``sampler.deep_cache``): keep the deep features (key step) or run the shallow
     branch on kept ones; None = the whole step, nothing kept. Eager step only."""
@@ -219,6 +223,7 @@ class EagerStep:
     projections only (bitwise the base model)."""
 
     name = "eager"
+    takes_pose_features = True
 
     def __init__(self, parts: DiffusionComponents, context: CrossFrameContext):
         self.parts, self.context = parts, context
@@ -252,6 +257,7 @@ class EagerStep:
                         inputs.pose,
                         inputs.control_scale,
                         deep.reuse,
+                        inputs.pose_features,
                     )
                 if deep is not None:
                     keep = keep_deep_features(self.parts.unet, deep)
@@ -263,6 +269,7 @@ class EagerStep:
                     inputs.text,
                     inputs.pose,
                     inputs.control_scale,
+                    inputs.pose_features,
                 )
         finally:
             ctx.ref_index = None
@@ -313,6 +320,7 @@ class GraphStep(ABC):
     """
 
     name = "graph"
+    takes_pose_features = False  # the pose embedding is inside the graph
 
     def __init__(self, parts: DiffusionComponents, context: CrossFrameContext):
         self.parts, self.context = parts, context
