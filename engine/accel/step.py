@@ -245,32 +245,16 @@ class EagerStep:
         if deep is not None and not self._deep_checked:
             check_supported(self.parts.unet, self.parts.controlnet)
             self._deep_checked = True
+        parts = self.parts
+        sample, timestep, text, pose = inputs.sample, inputs.timestep, inputs.text, inputs.pose
+        args = (parts.unet, parts.controlnet, sample, timestep, text, pose, inputs.control_scale)
         try:
             with rest:
                 if deep is not None and deep.reuse is not None:
-                    return shallow_step(
-                        self.parts.unet,
-                        self.parts.controlnet,
-                        inputs.sample,
-                        inputs.timestep,
-                        inputs.text,
-                        inputs.pose,
-                        inputs.control_scale,
-                        deep.reuse,
-                        inputs.pose_features,
-                    )
+                    return shallow_step(*args, deep.reuse, inputs.pose_features)
                 if deep is not None:
-                    keep = keep_deep_features(self.parts.unet, deep)
-                return controlnet_unet(
-                    self.parts.unet,
-                    self.parts.controlnet,
-                    inputs.sample,
-                    inputs.timestep,
-                    inputs.text,
-                    inputs.pose,
-                    inputs.control_scale,
-                    inputs.pose_features,
-                )
+                    keep = keep_deep_features(parts.unet, deep)
+                return controlnet_unet(*args, inputs.pose_features)
         finally:
             ctx.ref_index = None
             if keep is not None:
