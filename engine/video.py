@@ -45,7 +45,10 @@ class VideoWriter:
         try:
             stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001))
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
+            # One encoder thread: finishers encode several videos side by side, and x264's own
+            # threads cost more than they gain on short clips (64², 8 frames: 9 vs 14 ms); the
+            # bytes then do not depend on the machine's core count either.
+            stream.options = {"crf": str(crf), "threads": "1"}
         except BaseException:
             container.close()
             self._tmp.unlink(missing_ok=True)
