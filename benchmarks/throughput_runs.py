@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -114,7 +115,7 @@ def _plain_call(pipe: Any, group: Sequence[Character], index: int, steps: int) -
     return [(np.asarray(img) * 255.0).round().astype(np.uint8) for img in out.images]
 
 
-class Variant:
+class Variant(ABC):
     """One benchmarked variant, set up and warmed once; :meth:`once` times one pass over every
     character. The benchmark calls the variants' passes in interleaved rounds (a, a2, b, bare,
     c, a, a2, …) so a slow spell of this shared machine weighs on every variant alike."""
@@ -124,11 +125,11 @@ class Variant:
     frames: dict[tuple[str, int], np.ndarray]
     """The first pass's frames, keyed (render id, frame index), for the like-for-like checks."""
 
+    @abstractmethod
     def once(self, k: int) -> dict[str, Any]:
         """Timed pass ``k`` → its record (:func:`benchmarks.common.run_record`)."""
-        raise NotImplementedError
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook)
         """Free what the variant holds."""
 
 
@@ -198,6 +199,14 @@ def _core_pass(
     return record, [list(b) for b in core.stats["batches"][first:]]
 
 
+def _first_pass_frames(
+    folder: Path, characters: Sequence[Character]
+) -> dict[tuple[str, int], np.ndarray]:
+    """The frames a core persisted in pass 0 (render ids ``<character>-r0``)."""
+    ids = [f"{ch.render_id}-r0" for ch in characters]
+    return common.load_frames(folder, ids, len(characters[0].keypoints))
+
+
 class Engine(Variant):
     """(b): the engine core with the in-process executor (models built once, warmed up); with
     ``option`` (:func:`option_overrides`), (b) with one back-end or sampling option on."""
@@ -234,8 +243,7 @@ class Engine(Variant):
         args = (self.core, self.executor, unet, self.characters, k, self.timeout_s)
         record, batches = _core_pass(*args)
         if k == 0:
-            ids = [f"{ch.render_id}-r0" for ch in self.characters]
-            self.frames = common.load_frames(self.folder, ids, len(self.characters[0].keypoints))
+            self.frames = _first_pass_frames(self.folder, self.characters)
             self.trace = EngineTrace(self.executor.chain, self.folder, batches, self.frames)
         return record
 
@@ -378,9 +386,7 @@ class RayCore(Variant):
         args = (self.core, self.executor, None, self.characters, k, self.timeout_s)
         record, _ = _core_pass(*args)
         if k == 0:
-            ids = [f"{ch.render_id}-r0" for ch in self.characters]
-            frames = len(self.characters[0].keypoints)
-            self.frames = common.load_frames(self.root / "ray", ids, frames)
+            self.frames = _first_pass_frames(self.root / "ray", self.characters)
         return record
 
     def full(self, full: FullMethod) -> dict[str, Any]:

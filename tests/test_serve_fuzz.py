@@ -72,7 +72,9 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 def test_api_conforms_to_its_schema(case):
     token = TOKENS["alice"] if SENT["requests"] % 5 else "wrong"
     SENT["requests"] += 1
-    case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+    # call_and_validate raises on any failed check (status, content type, headers, schema, 5xx)
+    response = case.call_and_validate(headers={"Authorization": f"Bearer {token}"}, checks=CHECKS)
+    assert response.status_code < 500, (case.method, case.path, response.status_code)
 
 
 def test_enough_requests_were_fuzzed():

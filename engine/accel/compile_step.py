@@ -3,8 +3,8 @@
 The same :class:`~engine.accel.graph.StepModule` as the exported graphs (cross-frame attention
 from an input index, LoRA as runtime inputs), compiled once per variant. ``dynamic=True`` (the
 default) compiles shape-generic kernels, so a new batch size or reference count does not
-recompile (tests/test_compile_shapes.py); ``dynamic=False`` specialises on the first shape (and recompiles per new shape), the
-setting benchmarks/accel.py ``--compile-static`` measures.
+recompile (tests/test_compile_shapes.py); ``dynamic=False`` specialises on the first shape (and
+recompiles per new shape), the setting benchmarks/accel.py ``--compile-static`` measures.
 """
 
 from __future__ import annotations

@@ -132,8 +132,8 @@ class EagerLora:
     - **merged** (when the rows' weights fit :data:`MERGED_BYTES`): each row's own weight
       ``W + s·B[idx]·A[idx]``, built once per (adapter pack, row order) and reused by every step
       of the batch, applied in one ``baddbmm`` — the same single kernel a plain ``Linear`` is, so
-      a mixed batch costs almost what a base batch does (tiny: +7-9 % with the low-rank pair,
-      +3-5 % merged; small: +3.7 % vs +1.3 %, benchmarks/accel.py);
+      a mixed batch costs almost what a base batch does (3 adapters + base rows, benchmarks/
+      accel.py: tiny +0.9-1.9 % merged vs +7.6 % low-rank; small +1.3-2.3 % vs +3.7 %);
     - **low-rank**: ``base(x) + (x · A[idx]ᵀ) · B[idx]ᵀ`` (:func:`add_low_rank`, the compiled
       graphs' math), for models whose per-row weights would not fit;
     - **base** (no adapter in the batch): the base ``F.linear`` alone, bitwise what peft's
@@ -186,13 +186,15 @@ def _linear(base: torch.nn.Module) -> torch.nn.Linear:
 
 
 def _base_forward(base: torch.nn.Module) -> Callable[..., torch.Tensor]:
-    weight, bias = _linear(base).weight, _linear(base).bias
+    linear_layer = _linear(base)
+    weight, bias = linear_layer.weight, linear_layer.bias
     linear = torch.nn.functional.linear
     return lambda x, *_, **__: linear(x, weight, bias)
 
 
 def _low_rank_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor]):
-    weight, bias = _linear(base).weight, _linear(base).bias
+    linear_layer = _linear(base)
+    weight, bias = linear_layer.weight, linear_layer.bias
     linear = torch.nn.functional.linear
     at, bt = (m.contiguous() for m in pair)
     return lambda x, *_, **__: add_low_rank(x, linear(x, weight, bias), at, bt)
@@ -200,7 +202,8 @@ def _low_rank_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Ten
 
 def _merged_forward(base: torch.nn.Module, pair: tuple[torch.Tensor, torch.Tensor]):
     """``x · (W + B·A)ᵀ[row] + bias`` with each row's merged weight ``(rows, in, out)``."""
-    weight, bias = _linear(base).weight, _linear(base).bias
+    linear_layer = _linear(base)
+    weight, bias = linear_layer.weight, linear_layer.bias
     at, bt = pair  # (rows, in, r), (rows, r, out)
     wt = torch.baddbmm(weight.t().unsqueeze(0), at, bt).contiguous()
     rows, size_in, size_out = wt.shape
