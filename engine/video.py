@@ -14,8 +14,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import av
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -39,6 +37,8 @@ class VideoWriter:
         self.size = (width, height)
         self.frames = 0
         self._tmp = self.path.with_name(f".{self.path.stem}.partial{self.path.suffix}")
+        import av  # here, not at import: engine.core imports this module on machines without it
+
         container = av.open(
             str(self._tmp), mode="w", format="mp4", options={"movflags": "+faststart"}
         )
@@ -65,6 +65,8 @@ class VideoWriter:
                 f"frame {self.frames}: expected ({self.size[1]}, {self.size[0]}, 3) uint8, "
                 f"got {frame.shape} {frame.dtype}"
             )
+        import av
+
         picture = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
         picture.pts = self.frames
         self._container.mux(self._stream.encode(picture))
@@ -96,6 +98,8 @@ class VideoWriter:
 
 def probe_video(path: Path) -> dict[str, Any]:
     """Read a video back: {"frames", "fps", "width", "height", "codec", "pix_fmt"} (decodes it)."""
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path))
     meta = next(reader)
     frames = sum(1 for _ in reader)
@@ -112,6 +116,8 @@ def probe_video(path: Path) -> dict[str, Any]:
 
 def read_video_frames(path: Path) -> Iterable[np.ndarray]:
     """Yield the frames of a video as (H, W, 3) uint8 RGB."""
+    import imageio_ffmpeg
+
     reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
     meta = next(reader)
     width, height = meta["size"]

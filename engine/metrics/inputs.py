@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -65,6 +64,8 @@ def _pngs(folder: Path) -> list[Path]:
 
 def read_video(path: Path) -> tuple[list[np.ndarray], float]:
     """All frames of a video as (H, W, 3) uint8 RGB, and its fps."""
+    import imageio_ffmpeg  # here: engine imports this module where it is absent
+
     try:
         reader = imageio_ffmpeg.read_frames(str(path), pix_fmt="rgb24")
         meta = next(reader)

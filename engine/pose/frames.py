@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image, ImageSequence, UnidentifiedImageError
 
@@ -91,6 +90,8 @@ def limit_frames(frames: Iterator[np.ndarray], path: Path, max_frames: int) -> I
 
 def open_video(path: Path, *, fps: float = 8.0) -> FrameSource:
     """Open a video (.mp4/.webm/...) with ffmpeg; ``fps`` is used only when the file has none."""
+    import imageio_ffmpeg  # here: engine imports this module where it is absent
+
     try:
         gen = imageio_ffmpeg.read_frames(str(path))
         meta = next(gen)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 
 from engine.pose.draw import overlay_pose
@@ -49,6 +48,8 @@ def write_preview(src: Path, seq: PoseSequence, dst: Path, *, max_frames: int = 
         )
     dst.parent.mkdir(parents=True, exist_ok=True)
     size = (seq.width + seq.width % 2, seq.height + seq.height % 2)
+    import imageio_ffmpeg  # here: engine imports this module where it is absent
+
     writer = imageio_ffmpeg.write_frames(
         str(dst),
         size,

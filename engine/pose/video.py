@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
 
@@ -102,6 +101,8 @@ def _write_mp4(seq: PoseSequence, path: Path) -> None:
             f"{path}: H.264 yuv420p needs an even size, got {seq.width}x{seq.height}; "
             "resample(seq, width=..., height=...) to even numbers first"
         )
+    import imageio_ffmpeg  # here: engine imports this module where it is absent
+
     writer = imageio_ffmpeg.write_frames(
         str(path),
         (seq.width, seq.height),

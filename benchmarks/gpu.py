@@ -1,0 +1,305 @@
+"""GPU numbers in one command, sized for a short device lease (``--budget-s``).
+
+    make gpu-wheels                                   # here: the wheels the device lacks (.whl/)
+    python -m benchmarks.gpu --out $OUT --budget-s 300   # there (see README "Speed")
+    python -m benchmarks.gpu --smoke --out out/gpu-smoke  # CPU: tiny preset, 64², 1 step
+
+On ``sd15-random`` (configs/sd15-random.yaml: 512², 25 DDIM steps, CFG 7.5) it measures, in
+order of value, each item only if its estimate still fits the budget (else recorded as skipped,
+with the reason): s/frame per character at batch 8, 1, 4, 16 with ``inter_frame`` none, against
+the goal (≤ 0.2 s/frame at batch 8) and plain diffusers' StableDiffusionControlNetPipeline
+batched in the same run; ``kv`` / ``latent`` / ``kv+latent``; bfloat16; per-row LoRA with 3
+adapters; the VAE decode's share; the in-process core feeding the Sampler (busy share, NVML
+utilisation); ``sampler.deep_cache``; ``torch.compile`` (with its compile time). Every row
+carries the peak GPU memory of its timed calls. ``gpu.json`` and ``gpu.md`` are rewritten after
+every item, so a killed run still leaves what it measured. Exit status 1 if any item failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+import torch
+
+from benchmarks import common
+from benchmarks import gpu_cases as cases
+from benchmarks.gpu_report import SECTIONS, comparisons, markdown
+
+
+class Skip(Exception):
+    """Raised by a measurement that cannot run (its reason is recorded as a skip)."""
+
+
+Item = tuple[str, str, Callable[[], float], Callable[[], Any]]
+"""(section, label, estimate of its seconds, measurement) of one planned measurement."""
+
+
+class Run:
+    """The budget, the report and its files: every item is recorded as measured, skipped (with
+    the reason) or failed (with the error), and the files rewritten after each."""
+
+    def __init__(self, plan: cases.Plan, out: Path, budget_s: float):
+        self.plan, self.out, self.budget_s = plan, out, budget_s
+        self.start = time.perf_counter()
+        self.report: dict[str, Any] = {
+            "plan": asdict(plan),
+            "budget_s": budget_s,
+            "machine": machine(plan.device),
+            "sections": {name: {"rows": [], "skipped": [], "errors": []} for name in SECTIONS},
+        }
+        self.row_step_s = 0.0
+        """Slowest seconds per UNet row per step seen so far (the estimates' unit)."""
+        self.write()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def left(self) -> float:
+        return self.budget_s - self.elapsed()
+
+    def log(self, text: str) -> None:
+        print(f"[{self.elapsed():7.1f} s] {text}", flush=True)
+
+    def estimate(self, rows: int, steps: int, calls: int) -> float:
+        """Seconds of ``calls`` calls of ``rows`` UNet rows × ``steps`` steps (+25 % for the
+        decode and the warm-up), from the slowest unit seen; 0 before the first measurement."""
+        return 1.25 * rows * steps * calls * self.row_step_s
+
+    def learn(self, row: dict[str, Any]) -> None:
+        if "unet_rows" in row and row.get("denoise_s"):
+            steps = self.plan.steps
+            self.row_step_s = max(self.row_step_s, row["denoise_s"] / (row["unet_rows"] * steps))
+
+    def do(self, section: str, label: str, estimate: float, fn: Callable[[], Any]) -> Any:
+        """Run one measurement if ``estimate`` fits what is left of the budget; record it."""
+        entry = self.report["sections"][section]
+        if estimate > self.left():
+            reason = f"needs ≈{estimate:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+            entry["skipped"].append({"item": label, "reason": reason})
+            self.log(f"{section} {label}: skipped ({reason})")
+            self.write()
+            return None
+        self.log(f"{section} {label}: start (estimate {estimate:.0f} s)")
+        try:
+            result = fn()
+        except Skip as e:
+            entry["skipped"].append({"item": label, "reason": str(e)})
+            self.log(f"{section} {label}: skipped ({e})")
+            self.write()
+            return None
+        except Exception as e:
+            entry["errors"].append(
+                {"item": label, "error": repr(e), "trace": traceback.format_exc()}
+            )
+            self.log(f"{section} {label}: FAILED {e!r}")
+            self.write()
+            return None
+        if isinstance(result, dict):
+            entry["rows"].append({"item": label, **result})
+            self.learn(result)
+            shown = {k: result[k] for k in ("s_per_frame", "peak_gpu_gib") if k in result}
+            self.log(f"{section} {label}: {shown or 'done'}")
+        self.write()
+        return result
+
+    def skip_section(self, section: str, reason: str) -> None:
+        self.report["sections"][section]["skipped"].append({"item": "all", "reason": reason})
+        self.log(f"{section}: skipped ({reason})")
+        self.write()
+
+    def write(self) -> None:
+        self.report["elapsed_s"] = round(self.elapsed(), 1)
+        self.report["status"] = {k: status(v) for k, v in self.report["sections"].items()}
+        self.report["comparisons"] = comparisons(self.report)
+        common.write_report(self.report, self.out / "gpu.json", markdown(self.report))
+
+
+def status(section: dict[str, Any]) -> str:
+    """``error`` if any item failed, else ``measured`` / ``partial`` / ``skipped`` / ``pending``."""
+    if section["errors"]:
+        return "error"
+    if section["rows"]:
+        return "partial" if section["skipped"] else "measured"
+    return "skipped" if section["skipped"] else "pending"
+
+
+def machine(device: str) -> dict[str, Any]:
+    """The host (benchmarks.common.machine_info) plus the GPU, CUDA and driver when there is one."""
+    info = common.machine_info()
+    info["device"] = device
+    if device.startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+        info["cuda"] = torch.version.cuda
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            query = ["nvidia-smi", "--query-gpu=driver_version,name", "--format=csv,noheader"]
+            info["nvidia_smi"] = subprocess.run(
+                query, capture_output=True, text=True, timeout=20
+            ).stdout.strip()
+    return info
+
+
+def plan_items(run: Run, benches: dict[str, cases.Bench], root: Path) -> list[Item]:
+    """Every measurement after the main dtype's batches, in order of value."""
+    plan = run.plan
+    main, other = plan.dtypes[0], plan.dtypes[1:]
+    steps = plan.steps
+    goal = plan.goal_batch
+    later = [b for b in plan.batches if b != goal]
+
+    def batch(dtype: str, mode: str, b: int) -> Item:
+        rows = b * (4 if "kv" in mode else 2)
+        return (
+            "batches" if dtype == main else "other_dtype",
+            f"{dtype} {mode} b={b}",
+            lambda: run.estimate(rows, steps, plan.repeats),
+            lambda: cases.measure_batch(built(dtype), plan, mode, b),
+        )
+
+    def built(dtype: str) -> cases.Bench:
+        if dtype not in benches:
+            raise Skip(f"the {dtype} models were not built (see its errors)")
+        return benches[dtype]
+
+    def peer(b: int) -> Item:
+        return (
+            "diffusers_peer",
+            f"{main} b={b}",
+            lambda: run.estimate(2 * b, steps, plan.repeats),
+            lambda: cases.measure_peer(benches[main], peer_pipe(), plan, b),
+        )
+
+    pipes: dict[str, Any] = {}
+
+    def peer_pipe() -> Any:
+        if "pipe" not in pipes:
+            pipes["pipe"] = cases.peer_pipeline(benches[main])
+        return pipes["pipe"]
+
+    def build(dtype: str) -> Item:
+        def fn() -> dict[str, Any]:
+            benches[dtype] = cases.build_bench(plan, dtype, source=benches[main])
+            return {"dtype": dtype, "build_s": round(benches[dtype].build_s, 3)}
+
+        return ("other_dtype", f"build {dtype}", lambda: benches[main].build_s, fn)
+
+    def lora() -> dict[str, Any]:
+        bench = benches[main]
+        with cases.three_adapters(bench):
+            unused = cases.measure_batch(bench, plan, "none", goal, adapters=[None])
+            mixed = cases.measure_batch(bench, plan, "none", goal, adapters=[*cases.ADAPTERS, None])
+        return {"loaded_unused": unused, "mixed_3_adapters_and_base": mixed}
+
+    def compiled() -> dict[str, Any]:
+        with cases.compiled_step(benches[main], plan):
+            return cases.measure_batch(benches[main], plan, "none", goal)
+
+    items: list[Item] = [peer(goal)]
+    items += [batch(main, "none", b) for b in later] + [peer(b) for b in later]
+    items += [batch(main, m, goal) for m in ("kv+latent", "kv", "latent")]
+    items += [batch(main, m, b) for b in later for m in ("kv+latent", "kv", "latent")]
+    for dtype in other:
+        items += [build(dtype), batch(dtype, "none", goal), batch(dtype, "kv+latent", goal)]
+    items.append(("lora", f"{main} b={goal}", lambda: run.estimate(4 * goal, steps, 4), lora))
+    core_rows = plan.core_characters * plan.core_frames * 4
+    items.append(
+        (
+            "core_utilisation",
+            f"{main} {plan.core_characters}x{plan.core_frames}",
+            lambda: run.estimate(core_rows, steps, 1) + 10,
+            lambda: cases.measure_core(benches[main], plan, root / "core"),
+        )
+    )
+    items.append(
+        (
+            "deep_cache",
+            f"{main} none b={goal} interval={plan.deep_cache}",
+            lambda: run.estimate(2 * goal, steps, plan.repeats),
+            lambda: cases.measure_batch(
+                benches[main], plan, "none", goal, deep_cache=plan.deep_cache
+            ),
+        )
+    )
+    items.append(("compile", f"{main} none b={goal}", lambda: compile_estimate(run), compiled))
+    for dtype in other:
+        items += [batch(dtype, m, b) for b in later for m in ("none", "kv+latent")]
+        items += [batch(dtype, m, b) for b in plan.batches for m in ("kv", "latent")]
+
+    return items
+
+
+def compile_estimate(run: Run) -> float:
+    """torch.compile of the UNet + ControlNet step: ≈120 s of inductor on a GPU machine (a
+    lead, unmeasured here) plus the timed calls; the smoke plan's ``eager`` back-end traces only."""
+    base = 120.0 if run.plan.compile_backend == "inductor" else 0.0
+    return base + run.estimate(2 * run.plan.goal_batch, run.plan.steps, run.plan.repeats)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, default=common.OUT / "gpu", help="folder of gpu.json/.md")
+    p.add_argument("--budget-s", type=float, default=420.0, help="seconds for every item")
+    p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (the test)")
+    p.add_argument("--preset", default="sd15-random")
+    p.add_argument("--device", default="cuda")
+    args = p.parse_args(argv)
+    if args.budget_s <= 0:
+        p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    plan = cases.SMOKE if args.smoke else cases.full_plan(args.preset, args.device)
+    if plan.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("no CUDA device here: run on the GPU machine, or --smoke on a CPU")
+    if plan.device.startswith("cuda"):
+        torch.backends.cudnn.benchmark = True
+    run = Run(plan, args.out, args.budget_s)
+    run.log(f"plan {plan}; machine {run.report['machine'].get('gpu', plan.device)}")
+    root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
+    benches: dict[str, cases.Bench] = {}
+    try:
+        main_dtype, goal = plan.dtypes[0], plan.goal_batch
+        build = lambda: benches.setdefault(main_dtype, cases.build_bench(plan, main_dtype))  # noqa: E731
+        if run.do("batches", f"build {main_dtype}", 0.0, lambda: {"build_s": build().build_s}):
+            run.do(
+                "batches", f"{main_dtype} none b={goal}", 0.0,
+                lambda: cases.measure_batch(benches[main_dtype], plan, "none", goal),
+            )  # fmt: skip
+            for section, label, estimate, fn in plan_items(run, benches, root):
+                run.do(section, label, estimate(), fn)
+        else:
+            for section in SECTIONS:
+                if section != "batches":
+                    run.skip_section(section, f"the {main_dtype} models could not be built")
+        vae_share(run)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    run.write()
+    run.log(f"wrote {args.out / 'gpu.json'} and gpu.md; status {run.report['status']}")
+    return 1 if "error" in run.report["status"].values() else 0
+
+
+def vae_share(run: Run) -> None:
+    """The VAE decode's share of each main-dtype batch row (from the rows, no extra run)."""
+    rows = [r for r in run.report["sections"]["batches"]["rows"] if "decode_share" in r]
+    entry = run.report["sections"]["vae_share"]
+    for r in rows:
+        keys = ("mode", "batch", "dtype", "decode_s", "denoise_s", "decode_share")
+        entry["rows"].append({"item": r["item"], **{k: r[k] for k in keys}})
+    if not rows:
+        entry["skipped"].append({"item": "all", "reason": "no batch row was measured"})
+
+
+if __name__ == "__main__":
+    sys.exit(main())
