@@ -35,7 +35,7 @@ class _Base(BaseModel):
 class ModelConfig(_Base):
     """Which diffusion components to build or load."""
 
-    preset: Literal["tiny", "small", "sd15", "sd15-random"] = "tiny"
+    preset: Literal["tiny", "small", "micro", "sd15", "sd15-random"] = "tiny"
     """Model builder from the registry: random-weight ``tiny``/``small``, real ``sd15``, or
     ``sd15-random`` (SD-1.5's architectures with random weights: real-size speed anywhere)."""
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -304,10 +304,10 @@ class RenderConfig(_Base):
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> RenderConfig:
-        if self.model.preset in ("tiny", "small") and self.model.dtype != "float32":
+        if self.model.preset in ("tiny", "small", "micro") and self.model.dtype != "float32":
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
-                "the random-weight presets run in float32; use model.dtype=float32"
+                "the tiny, small and micro presets run in float32; use model.dtype=float32"
             )
         if self.sampler.deep_cache > 1 and self.model.backend != "eager":
             raise ValueError(

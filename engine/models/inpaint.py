@@ -94,7 +94,14 @@ INPAINT_REGISTRY: dict[str, Callable[[ModelConfig, DiffusionComponents], UNet2DC
     "tiny": _random_for,
     "small": _random_for,
     "sd15": _load_for,
+    "micro": lambda config, parts: _micro_inpaint(config, parts),
 }
+
+
+def _micro_inpaint(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
+    from engine.models.micro import load_micro_inpaint
+
+    return load_micro_inpaint(config, parts)
 
 
 def build_inpaint_unet(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:

@@ -92,6 +92,10 @@ def model_name(config: ModelConfig) -> str:
     """Provenance id of the components ``config`` builds (manifests, cache keys, fingerprints)."""
     if config.preset == "sd15":
         return f"sd15:{config.base}+{config.controlnet}"
+    if config.preset == "micro":
+        from engine.micro.arch import weights_digest
+
+        return f"micro:{weights_digest()}"
     if config.preset == "sd15-random":
         return f"sd15-random-seed{config.seed}-{config.dtype}"
     return f"{config.preset}-random-seed{config.seed}"
@@ -365,7 +369,14 @@ MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionComponents]] = {
     "small": build_random,
     "sd15": load_sd15,
     "sd15-random": build_sd15_random,
+    "micro": lambda config: _micro().load_micro(config),
 }
+
+
+def _micro():  # type: ignore[no-untyped-def]
+    from engine.models import micro  # imports this module: loaded on first use
+
+    return micro
 
 
 def cpu_threads(config: ModelConfig) -> int:

@@ -141,7 +141,7 @@ def load_sam(sam_type: str, checkpoint: str | Path, device: str | torch.device =
 
 
 def _build_random_from(config: ModelConfig) -> Sam:
-    builder = build_tiny_sam if config.preset == "tiny" else build_small_sam
+    builder = build_tiny_sam if config.preset in ("tiny", "micro") else build_small_sam
     return builder(config.seed).to(resolve_device(config.device))
 
 
@@ -159,6 +159,7 @@ def _load_configured(config: ModelConfig) -> Sam:
 SAM_REGISTRY: dict[str, Callable[[ModelConfig], Sam]] = {
     "tiny": _build_random_from,
     "small": _build_random_from,
+    "micro": _build_random_from,  # random: micro's default background.mask_source is pose
     "sd15": _load_configured,
 }
 
