@@ -31,6 +31,9 @@ WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHT_FILES = ("micro_a.safetensors", "micro_b.safetensors")
 """The shipped weights, split in two (each under the device tool's 16 MiB per file)."""
 
+TOKENIZER = "micro"
+"""The vocabulary new training runs use (:func:`build_tokenizer`); recorded in the weights."""
+
 SCHEDULER = {
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -84,6 +87,66 @@ def build_vae(scaling_factor: float = 1.0) -> AutoencoderKL:
         sample_size=SIZE,
         scaling_factor=scaling_factor,
     )
+
+
+@functools.lru_cache(maxsize=1)
+def micro_words() -> tuple[str, ...]:
+    """Every word of the refiner's tables and of the world's grammar, sorted: the micro
+    tokenizer makes each one token, so refined prompts fit the text encoder's 77 tokens."""
+    import re
+
+    from engine.micro import world
+    from engine.refine import tables
+
+    words: set[str] = set()
+
+    def walk(x: Any) -> None:
+        if isinstance(x, str):
+            words.update(re.findall(r"[a-z]+", x.lower()))
+        elif isinstance(x, dict):
+            for k, v in x.items():
+                walk(k)
+                walk(v)
+        elif isinstance(x, list | tuple | set | frozenset):
+            for v in x:
+                walk(v)
+
+    for name in dir(tables):
+        if name.isupper():
+            walk(getattr(tables, name))
+    walk([world.COLOURS, world.SUBJECTS, world.TOPS, world.BOTTOMS, world.SCENES])
+    walk(world.NEGATIVE_WORDS)
+    return tuple(sorted(w for w in words if len(w) > 1))
+
+
+def build_tokenizer(kind: str = "micro") -> CLIPTokenizer:
+    """``micro``: the offline CLIP tokenizer plus :func:`micro_words`; ``offline``: without them
+    (the first shipped weights' vocabulary)."""
+    from engine.models.tokenizer import build_offline_tokenizer
+
+    if kind == "offline":
+        return build_offline_tokenizer()
+    if kind != "micro":
+        raise ValueError(f"unknown micro tokenizer {kind!r}: use micro or offline")
+    return build_offline_tokenizer(micro_words())
+
+
+def extend_text_encoder(
+    state: dict[str, torch.Tensor], old: CLIPTokenizer, new: CLIPTokenizer
+) -> dict[str, torch.Tensor]:
+    """A text-encoder state for ``new``'s vocabulary from one trained on ``old``'s (whose ids
+    ``new`` keeps, adding whole words after them): each new word's embedding starts as the mean
+    of the embeddings of the pieces ``old`` split it into."""
+    key = "embeddings.token_embedding.weight"
+    table = state[key]
+    grown = table.new_empty((len(new), table.shape[1]))
+    grown[: len(old)] = table
+    for token, i in new.get_vocab().items():
+        if i < len(old):
+            continue
+        pieces = old(token, add_special_tokens=False).input_ids
+        grown[i] = table[pieces].mean(dim=0) if pieces else table.mean(dim=0)
+    return {**state, key: grown}
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:

@@ -50,9 +50,9 @@ class Pool:
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():  # type: ignore[no-untyped-def]
-    from engine.models.tokenizer import build_offline_tokenizer
+    from engine.micro.arch import TOKENIZER, build_tokenizer
 
-    return build_offline_tokenizer()
+    return build_tokenizer(TOKENIZER)
 
 
 def tokenize(texts: list[str]) -> np.ndarray:

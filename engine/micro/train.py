@@ -70,6 +70,12 @@ def run(
     pool = build_pool(cfg.seed, cfg.pool, arch.SIZE, cfg.workers).to(dev)
     negatives = negative_bank(cfg.seed).to(dev)
     states, meta = arch.load_weights(init) if init is not None else ({}, {})
+    old_vocab = meta.get("tokenizer", "offline")
+    if init is not None and old_vocab != arch.TOKENIZER:  # new whole-word tokens
+        states["text_encoder"] = arch.extend_text_encoder(
+            states["text_encoder"], arch.build_tokenizer(old_vocab),
+            arch.build_tokenizer(arch.TOKENIZER),
+        )  # fmt: skip
     record["init"] = {"folder": str(init), **meta} if init is not None else None
     record["stages"]["pool"] = {"samples": cfg.pool, "seconds": round(clock.elapsed(), 1)}
     log(f"pool of {cfg.pool} samples", clock)
@@ -98,7 +104,8 @@ def run(
         pool, cfg, dev, deadline("segmenter"), ckpts, clock, states), dev, shares)  # fmt: skip
 
     modules = {"vae": vae, **nets, "inpaint_unet": inpaint, "segmenter": seg}
-    meta = {"scaling_factor": scale, "seed": cfg.seed, "size": arch.SIZE}
+    meta = {"scaling_factor": scale, "seed": cfg.seed, "size": arch.SIZE,
+            "tokenizer": arch.TOKENIZER}  # fmt: skip
     arch.save_weights(modules, out, meta)
     record["eval"] = evaluate(modules, dev, cfg.seed, cfg.eval_samples, cfg.eval_steps,
                               cfg.eval_guidance, out)  # fmt: skip
@@ -184,15 +191,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--resume", action="store_true", help="continue from <out>/ckpt")
     p.add_argument("--init", type=Path, help="start from the micro weights in this folder")
     p.add_argument("--share", default="", help="budget shares, e.g. vae=0,unet=0.8")
+    p.add_argument("--lr", default="", help="learning rates, e.g. unet=3e-4")
     args = p.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, pool=args.pool, workers=args.workers, device=args.device,
                       budget_s=args.budget_s, eval_samples=args.eval_samples)  # fmt: skip
-    for field_, text in (("steps", args.steps), ("batch", args.batch), ("share", args.share)):
+    for field_, text in (
+        ("steps", args.steps),
+        ("batch", args.batch),
+        ("share", args.share),
+        ("lr", args.lr),
+    ):
         for item in filter(None, text.split(",")):
             key, _, value = item.partition("=")
             if key not in getattr(cfg, field_):
                 raise SystemExit(f"--{field_}: unknown stage {key!r}; use {list(cfg.steps)}")
-            getattr(cfg, field_)[key] = (float if field_ == "share" else int)(value)
+            getattr(cfg, field_)[key] = (float if field_ in ("share", "lr") else int)(value)
     run(cfg, args.out, resume=args.resume, init=args.init)
 
 

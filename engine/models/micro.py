@@ -21,7 +21,6 @@ from engine.models.registry import (
     model_name,
     resolve_device,
 )
-from engine.models.tokenizer import build_offline_tokenizer
 
 
 @functools.lru_cache(maxsize=1)
@@ -41,7 +40,7 @@ def _load(module: torch.nn.Module, name: str) -> torch.nn.Module:
 def load_micro(config: ModelConfig) -> DiffusionComponents:
     """The trained micro VAE, UNet, ControlNet and text encoder, float32, on ``model.device``."""
     _, meta = _states()
-    tokenizer = build_offline_tokenizer()
+    tokenizer = arch.build_tokenizer(meta.get("tokenizer", "offline"))
     parts = DiffusionComponents(
         unet=_load(arch.build_unet(), "unet"),  # type: ignore[arg-type]
         controlnet=_load(arch.build_controlnet(), "controlnet"),  # type: ignore[arg-type]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from transformers import CLIPTokenizer
+from transformers import AddedToken, CLIPTokenizer
 
 # Words that get whole-word merges so common prompt words are one token (keeps sequences short).
 _WORDS = [
@@ -106,9 +106,17 @@ def _vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {tok: i for i, tok in enumerate(tokens)}, merges
 
 
-@functools.lru_cache(maxsize=1)
-def build_offline_tokenizer() -> CLIPTokenizer:
-    """A ``CLIPTokenizer`` built without network access (vocab of a few hundred tokens)."""
+@functools.lru_cache(maxsize=4)
+def build_offline_tokenizer(extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
+    """A ``CLIPTokenizer`` built without network access (vocab of a few hundred tokens).
+
+    ``extra_words`` become whole-word tokens (added tokens matched as single words, case-blind)
+    with ids after the base vocabulary, which is left as it is: the ``micro`` preset adds the
+    refiner's words so a refined prompt fits the 77-token window as with CLIP's real vocabulary.
+    """
     vocab, merges = _vocab_and_merges()
     # transformers 5 takes (a, b) merge pairs here; its annotation says list[str].
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+    tok = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)  # type: ignore[arg-type]
+    if extra_words:
+        tok.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in extra_words])
+    return tok
