@@ -111,7 +111,7 @@ class Run:
         if isinstance(result, dict):
             entry["rows"].append({"item": label, **result})
             self.learn(result)
-            shown = {k: result[k] for k in ("s_per_frame", "peak_gpu_gib") if k in result}
+            shown = {k: result[k] for k in ("s_per_frame", "peak_over_resident_gib") if k in result}
             self.log(f"{section} {label}: {shown or 'done'}")
         self.write()
         return result

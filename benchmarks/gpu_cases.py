@@ -86,13 +86,21 @@ def clocked(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device, into: dict[str, Any]) -> Iterator[None]:
-    """Set ``into["peak_gpu_gib"]`` to the peak GPU memory allocated by torch in the block (None
-    on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    """Record in ``into`` the GPU memory torch allocated: ``resident_gib`` when the block starts
+    (every resident model of the run), ``peak_gpu_gib`` at the block's peak, and
+    ``peak_over_resident_gib`` (what the block itself needed: activations, workspaces). None on
+    a CPU."""
+    if device.type != "cuda":
+        into.update(resident_gib=None, peak_gpu_gib=None, peak_over_resident_gib=None)
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
     yield
-    gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    into["peak_gpu_gib"] = None if gib is None else round(gib, 2)
+    peak = torch.cuda.max_memory_allocated(device)
+    into["resident_gib"] = round(resident / 2**30, 2)
+    into["peak_gpu_gib"] = round(peak / 2**30, 2)
+    into["peak_over_resident_gib"] = round((peak - resident) / 2**30, 2)
 
 
 # -- resident models -----------------------------------------------------------------------------
@@ -113,6 +121,14 @@ class Bench:
     text: torch.Tensor
     """(2, 77, D) [negative, prompt] embeddings."""
     build_s: float
+
+    @property
+    def weights_gib(self) -> float:
+        """GiB of the engine's models' parameters (UNet, ControlNet, VAE, text encoder)."""
+        p = self.chain.parts
+        modules = (p.unet, p.controlnet, p.vae, p.text_encoder)
+        size = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+        return round(size / 2**30, 3)
 
     @property
     def device(self) -> torch.device:
@@ -218,6 +234,7 @@ def measure_batch(
         "warmup_s": round(warmup_s, 3),
         "unet_rows": batch * rows_per_frame(mode) if "kv" in mode else batch * 2,
         "finite_latents": f"{finite}/{batch}",
+        "weights_gib": bench.weights_gib,
         **row,
         **{k: v for k, v in changes.items()},
     }
