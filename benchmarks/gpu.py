@@ -35,7 +35,7 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, gpu_core
 from benchmarks import gpu_cases as cases
 from benchmarks.gpu_report import SECTIONS, comparisons, markdown
 
@@ -153,100 +153,105 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def plan_items(run: Run, benches: dict[str, cases.Bench], root: Path) -> list[Item]:
-    """Every measurement after the main dtype's batches, in order of value."""
-    plan = run.plan
-    main, other = plan.dtypes[0], plan.dtypes[1:]
-    steps = plan.steps
-    goal = plan.goal_batch
-    later = [b for b in plan.batches if b != goal]
+class Planner:
+    """The measurements after the main dtype's goal batch, as :data:`Item` in order of value."""
 
-    def batch(dtype: str, mode: str, b: int) -> Item:
-        rows = b * (4 if "kv" in mode else 2)
-        return (
-            "batches" if dtype == main else "other_dtype",
-            f"{dtype} {mode} b={b}",
-            lambda: run.estimate(rows, steps, plan.repeats),
-            lambda: cases.measure_batch(built(dtype), plan, mode, b),
-        )
+    def __init__(self, run: Run, benches: dict[str, cases.Bench], root: Path):
+        self.run, self.plan, self.benches, self.root = run, run.plan, benches, root
+        self.main, self.goal = self.plan.dtypes[0], self.plan.goal_batch
+        self._pipe: Any = None
 
-    def built(dtype: str) -> cases.Bench:
-        if dtype not in benches:
+    def estimate(self, rows: int, calls: int) -> Callable[[], float]:
+        return lambda: self.run.estimate(rows, self.plan.steps, calls)
+
+    def built(self, dtype: str) -> cases.Bench:
+        if dtype not in self.benches:
             raise Skip(f"the {dtype} models were not built (see its errors)")
-        return benches[dtype]
+        return self.benches[dtype]
 
-    def peer(b: int) -> Item:
-        return (
-            "diffusers_peer",
-            f"{main} b={b}",
-            lambda: run.estimate(2 * b, steps, plan.repeats),
-            lambda: cases.measure_peer(benches[main], peer_pipe(), plan, b),
-        )
+    def batch(self, dtype: str, mode: str, b: int) -> Item:
+        section = "batches" if dtype == self.main else "other_dtype"
+        rows = b * (4 if "kv" in mode else 2)
+        fn = lambda: cases.measure_batch(self.built(dtype), self.plan, mode, b)  # noqa: E731
+        return section, f"{dtype} {mode} b={b}", self.estimate(rows, self.plan.repeats), fn
 
-    pipes: dict[str, Any] = {}
-
-    def peer_pipe() -> Any:
-        if "pipe" not in pipes:
-            pipes["pipe"] = cases.peer_pipeline(benches[main])
-        return pipes["pipe"]
-
-    def build(dtype: str) -> Item:
+    def peer(self, b: int) -> Item:
         def fn() -> dict[str, Any]:
-            benches[dtype] = cases.build_bench(plan, dtype, source=benches[main])
-            return {"dtype": dtype, "build_s": round(benches[dtype].build_s, 3)}
+            if self._pipe is None:
+                self._pipe = cases.peer_pipeline(self.benches[self.main])
+            return cases.measure_peer(self.benches[self.main], self._pipe, self.plan, b)
 
-        return ("other_dtype", f"build {dtype}", lambda: benches[main].build_s, fn)
+        return "diffusers_peer", f"{self.main} b={b}", self.estimate(2 * b, self.plan.repeats), fn
 
-    def lora() -> dict[str, Any]:
-        bench = benches[main]
-        with cases.three_adapters(bench):
-            unused = cases.measure_batch(bench, plan, "none", goal, adapters=[None])
-            mixed = cases.measure_batch(bench, plan, "none", goal, adapters=[*cases.ADAPTERS, None])
-        return {"loaded_unused": unused, "mixed_3_adapters_and_base": mixed}
+    def build(self, dtype: str) -> Item:
+        def fn() -> dict[str, Any]:
+            bench = cases.build_bench(self.plan, dtype, source=self.benches[self.main])
+            self.benches[dtype] = bench
+            return {"dtype": dtype, "build_s": round(bench.build_s, 3)}
 
-    def compiled() -> dict[str, Any]:
-        with cases.compiled_step(benches[main], plan):
-            return cases.measure_batch(benches[main], plan, "none", goal)
+        return "other_dtype", f"build {dtype}", lambda: self.benches[self.main].build_s, fn
 
-    items: list[Item] = [peer(goal)]
-    items += [batch(main, "none", b) for b in later] + [peer(b) for b in later]
-    items += [batch(main, m, goal) for m in ("kv+latent", "kv", "latent")]
-    items += [batch(main, m, b) for b in later for m in ("kv+latent", "kv", "latent")]
-    for dtype in other:
-        items += [build(dtype), batch(dtype, "none", goal), batch(dtype, "kv+latent", goal)]
-    items.append(("lora", f"{main} b={goal}", lambda: run.estimate(4 * goal, steps, 4), lora))
-    core_rows = plan.core_characters * plan.core_frames * 4
-    items.append(
-        (
-            "core_utilisation",
-            f"{main} {plan.core_characters}x{plan.core_frames}",
-            lambda: run.estimate(core_rows, steps, 1) + 10,
-            lambda: cases.measure_core(benches[main], plan, root / "core"),
+    def lora(self) -> Item:
+        def fn() -> dict[str, Any]:
+            bench, plan, goal = self.benches[self.main], self.plan, self.goal
+            with cases.three_adapters(bench):
+                unused = cases.measure_batch(bench, plan, "none", goal, adapters=[None])
+                mixed = [*cases.ADAPTERS, None]
+                both = cases.measure_batch(bench, plan, "none", goal, adapters=mixed)
+            return {"loaded_unused": unused, "mixed_3_adapters_and_base": both}
+
+        return (
+            "lora",
+            f"{self.main} b={self.goal}",
+            self.estimate(2 * self.goal, 2 * self.plan.repeats),
+            fn,
         )
-    )
-    items.append(
-        (
-            "deep_cache",
-            f"{main} none b={goal} interval={plan.deep_cache}",
-            lambda: run.estimate(2 * goal, steps, plan.repeats),
-            lambda: cases.measure_batch(
-                benches[main], plan, "none", goal, deep_cache=plan.deep_cache
-            ),
-        )
-    )
-    items.append(("compile", f"{main} none b={goal}", lambda: compile_estimate(run), compiled))
-    for dtype in other:
-        items += [batch(dtype, m, b) for b in later for m in ("none", "kv+latent")]
-        items += [batch(dtype, m, b) for b in plan.batches for m in ("kv", "latent")]
 
-    return items
+    def core(self) -> Item:
+        plan = self.plan
+        rows = plan.core_characters * plan.core_frames * 4
+        fn = lambda: gpu_core.measure_core(self.benches[self.main], plan, self.root / "core")  # noqa: E731
+        estimate = self.estimate(rows, 1)
+        label = f"{self.main} {plan.core_characters}x{plan.core_frames}"
+        return "core_utilisation", label, lambda: estimate() + 10, fn
 
+    def deep_cache(self) -> Item:
+        n = self.plan.deep_cache
+        bench = self.benches[self.main]
+        fn = lambda: cases.measure_batch(bench, self.plan, "none", self.goal, deep_cache=n)  # noqa: E731
+        label = f"{self.main} none b={self.goal} interval={n}"
+        return "deep_cache", label, self.estimate(2 * self.goal, self.plan.repeats), fn
 
-def compile_estimate(run: Run) -> float:
-    """torch.compile of the UNet + ControlNet step: ≈120 s of inductor on a GPU machine (a
-    lead, unmeasured here) plus the timed calls; the smoke plan's ``eager`` back-end traces only."""
-    base = 120.0 if run.plan.compile_backend == "inductor" else 0.0
-    return base + run.estimate(2 * run.plan.goal_batch, run.plan.steps, run.plan.repeats)
+    def compile(self) -> Item:
+        """torch.compile of the UNet + ControlNet step: ≈120 s of inductor assumed on a GPU
+        machine (a lead, unmeasured here) plus the timed calls; the smoke plan's ``eager``
+        back-end only traces."""
+        base = 120.0 if self.plan.compile_backend == "inductor" else 0.0
+        timed = self.estimate(2 * self.goal, self.plan.repeats)
+
+        def fn() -> dict[str, Any]:
+            bench = self.benches[self.main]
+            with cases.compiled_step(bench, self.plan):
+                return cases.measure_batch(bench, self.plan, "none", self.goal)
+
+        return "compile", f"{self.main} none b={self.goal}", lambda: base + timed(), fn
+
+    def items(self) -> list[Item]:
+        main, goal, plan = self.main, self.goal, self.plan
+        later = [b for b in plan.batches if b != goal]
+        aligned = ("kv+latent", "kv", "latent")
+        items = [self.peer(goal)]
+        items += [self.batch(main, "none", b) for b in later] + [self.peer(b) for b in later]
+        items += [self.batch(main, m, goal) for m in aligned]
+        items += [self.batch(main, m, b) for b in later for m in aligned]
+        for dtype in plan.dtypes[1:]:
+            items += [self.build(dtype), self.batch(dtype, "none", goal)]
+            items.append(self.batch(dtype, "kv+latent", goal))
+        items += [self.lora(), self.core(), self.deep_cache(), self.compile()]
+        for dtype in plan.dtypes[1:]:
+            items += [self.batch(dtype, m, b) for b in later for m in ("none", "kv+latent")]
+            items += [self.batch(dtype, m, b) for b in plan.batches for m in ("kv", "latent")]
+        return items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -276,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batches", f"{main_dtype} none b={goal}", 0.0,
                 lambda: cases.measure_batch(benches[main_dtype], plan, "none", goal),
             )  # fmt: skip
-            for section, label, estimate, fn in plan_items(run, benches, root):
+            for section, label, estimate, fn in Planner(run, benches, root).items():
                 run.do(section, label, estimate(), fn)
         else:
             for section in SECTIONS:
