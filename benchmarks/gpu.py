@@ -217,8 +217,11 @@ class Planner:
 
     def deep_cache(self) -> Item:
         n = self.plan.deep_cache
-        bench = self.benches[self.main]
-        fn = lambda: cases.measure_batch(bench, self.plan, "none", self.goal, deep_cache=n)  # noqa: E731
+
+        def fn() -> dict[str, Any]:
+            bench = self.benches[self.main]
+            return cases.measure_batch(bench, self.plan, "none", self.goal, deep_cache=n)
+
         label = f"{self.main} none b={self.goal} interval={n}"
         return "deep_cache", label, self.estimate(2 * self.goal, self.plan.repeats), fn
 
