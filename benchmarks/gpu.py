@@ -12,7 +12,9 @@ batched in the same run; ``kv`` / ``latent`` / ``kv+latent``; bfloat16; per-row 
 adapters; the VAE decode's share; the in-process core feeding the Sampler (busy share, NVML
 utilisation); ``sampler.deep_cache``; ``torch.compile`` (with its compile time). Every row
 carries the peak GPU memory of its timed calls. ``gpu.json`` and ``gpu.md`` are rewritten after
-every item, so a killed run still leaves what it measured. Exit status 1 if any item failed.
+every item, so a killed run still leaves what it measured. An item still running ``--grace-s``
+past the budget is recorded as stopped and ends the run (exit status 3); exit status 1 if any
+item failed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -52,8 +55,22 @@ class Run:
     """The budget, the report and its files: every item is recorded as measured, skipped (with
     the reason) or failed (with the error), and the files rewritten after each."""
 
-    def __init__(self, plan: cases.Plan, out: Path, budget_s: float):
-        self.plan, self.out, self.budget_s = plan, out, budget_s
+    def __init__(
+        self,
+        plan: cases.Plan,
+        out: Path,
+        budget_s: float,
+        grace_s: float = 60.0,
+        on_overrun: Callable[[int], Any] = os._exit,
+    ):
+        """``grace_s``: an item still running that long past the budget is recorded as stopped
+        and the process ends with ``on_overrun(3)`` (the estimates are leads: this bounds the
+        device time whatever they miss)."""
+        self.plan, self.out, self.budget_s, self.grace_s = plan, out, budget_s, grace_s
+        self.on_overrun = on_overrun
+        self.lock = threading.RLock()
+        self.current: tuple[str, str] | None = None
+        self.closed = False
         self.start = time.perf_counter()
         self.report: dict[str, Any] = {
             "plan": asdict(plan),
@@ -64,6 +81,30 @@ class Run:
         self.row_step_s = 0.0
         """Slowest seconds per UNet row per step seen so far (the estimates' unit)."""
         self.write()
+        self.watchdog = threading.Timer(max(budget_s + grace_s - self.elapsed(), 0), self.overrun)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def overrun(self) -> None:
+        """The watchdog: record the item in flight as stopped, write the files, end the run."""
+        with self.lock:
+            if self.closed:
+                return
+            section, label = self.current or ("batches", "between items")
+            over = self.elapsed() - self.budget_s
+            reason = (
+                f"stopped: still running {over:.0f} s past the budget (grace {self.grace_s:.0f} s)"
+            )
+            self.report["sections"][section]["skipped"].append({"item": label, "reason": reason})
+            self.log(f"{section} {label}: {reason}; ending the run")
+            self.write()
+            self.closed = True
+        self.on_overrun(3)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.watchdog.cancel()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -88,12 +129,13 @@ class Run:
         """Run one measurement if ``estimate`` fits what is left of the budget; record it."""
         entry = self.report["sections"][section]
         if estimate > self.left():
-            reason = f"needs ≈{estimate:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+            reason = f"needs ≈{estimate:.1f} s, {max(self.left(), 0):.1f} s of the budget left"
             entry["skipped"].append({"item": label, "reason": reason})
             self.log(f"{section} {label}: skipped ({reason})")
             self.write()
             return None
         self.log(f"{section} {label}: start (estimate {estimate:.0f} s)")
+        self.current = (section, label)
         try:
             result = fn()
         except Skip as e:
@@ -122,10 +164,15 @@ class Run:
         self.write()
 
     def write(self) -> None:
-        self.report["elapsed_s"] = round(self.elapsed(), 1)
-        self.report["status"] = {k: status(v) for k, v in self.report["sections"].items()}
-        self.report["comparisons"] = comparisons(self.report)
-        common.write_report(self.report, self.out / "gpu.json", markdown(self.report))
+        """Rewrite gpu.json and gpu.md (not after the watchdog ended the run)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.current = None
+            self.report["elapsed_s"] = round(self.elapsed(), 1)
+            self.report["status"] = {k: status(v) for k, v in self.report["sections"].items()}
+            self.report["comparisons"] = comparisons(self.report)
+            common.write_report(self.report, self.out / "gpu.json", markdown(self.report))
 
 
 def status(section: dict[str, Any]) -> str:
@@ -261,18 +308,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=common.OUT / "gpu", help="folder of gpu.json/.md")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds for every item")
+    p.add_argument(
+        "--grace-s", type=float, default=60.0, help="end the run this long past the budget"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (the test)")
     p.add_argument("--preset", default="sd15-random")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    if args.budget_s <= 0:
-        p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.budget_s <= 0 or args.grace_s < 0:
+        p.error(f"--budget-s must be > 0 and --grace-s >= 0, got {args.budget_s}, {args.grace_s}")
     plan = cases.SMOKE if args.smoke else cases.full_plan(args.preset, args.device)
     if plan.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device here: run on the GPU machine, or --smoke on a CPU")
     if plan.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    run = Run(plan, args.out, args.budget_s)
+    run = Run(plan, args.out, args.budget_s, args.grace_s)
     run.log(f"plan {plan}; machine {run.report['machine'].get('gpu', plan.device)}")
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     benches: dict[str, cases.Bench] = {}
@@ -291,9 +341,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if section != "batches":
                     run.skip_section(section, f"the {main_dtype} models could not be built")
         vae_share(run)
+        run.write()
     finally:
+        run.close()
         shutil.rmtree(root, ignore_errors=True)
-    run.write()
     run.log(f"wrote {args.out / 'gpu.json'} and gpu.md; status {run.report['status']}")
     return 1 if "error" in run.report["status"].values() else 0
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import json
 import sys
+import time
 
 import pytest
 
@@ -80,10 +81,28 @@ def test_a_failing_item_is_recorded_and_fails_the_run(tmp_path):
 
     assert run.do("lora", "float32 b=2", 0.0, broken) is None
     run.do("compile", "float32 b=2", 1e9, broken)  # over the budget: skipped, never called
+    run.close()
     report = json.loads((tmp_path / "gpu.json").read_text())
     assert report["status"]["lora"] == "error" and report["status"]["compile"] == "skipped"
     assert "illegal memory access" in report["sections"]["lora"]["errors"][0]["error"]
     assert "FAILED: lora float32 b=2" in (tmp_path / "gpu.md").read_text()
+
+
+def test_an_item_running_past_budget_and_grace_is_recorded_and_ends_the_run(tmp_path):
+    ended: list[int] = []
+    run = gpu.Run(SMOKE, tmp_path, budget_s=0.5, grace_s=0.3, on_overrun=ended.append)
+
+    def slow() -> dict:
+        time.sleep(2.0)  # the watchdog fires at 0.8 s
+        return {}
+
+    run.do("compile", "float32 b=2", 0.0, slow)
+    run.close()
+    assert ended == [3]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    (stopped,) = report["sections"]["compile"]["skipped"]
+    assert stopped["item"] == "float32 b=2" and stopped["reason"].startswith("stopped: still")
+    assert report["sections"]["compile"]["rows"] == []  # nothing written after the stop
 
 
 def test_the_full_run_needs_a_gpu_and_a_positive_budget(tmp_path, capsys):
@@ -97,3 +116,6 @@ def test_the_full_run_needs_a_gpu_and_a_positive_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu.main(["--smoke", "--out", str(tmp_path), "--budget-s", "0"])
     assert "--budget-s must be > 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        gpu.main(["--smoke", "--out", str(tmp_path), "--grace-s", "-1"])
+    assert "--grace-s >= 0" in capsys.readouterr().err
