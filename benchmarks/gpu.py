@@ -12,7 +12,9 @@ batched in the same run; ``kv`` / ``latent`` / ``kv+latent``; bfloat16; per-row 
 adapters; the VAE decode's share; the in-process core feeding the Sampler (busy share, NVML
 utilisation); ``sampler.deep_cache``; ``torch.compile`` (with its compile time). Every row
 carries the peak GPU memory of its timed calls. ``gpu.json`` and ``gpu.md`` are rewritten after
-every item, so a killed run still leaves what it measured. Exit status 1 if any item failed.
+every item, so a killed run still leaves what it measured. An item still running ``--grace-s``
+past the budget is recorded as stopped and ends the run (exit status 3); exit status 1 if any
+item failed.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -35,7 +38,7 @@ os.environ.setdefault("PYTHONUNBUFFERED", "1")
 
 import torch
 
-from benchmarks import common
+from benchmarks import common, gpu_core
 from benchmarks import gpu_cases as cases
 from benchmarks.gpu_report import SECTIONS, comparisons, markdown
 
@@ -52,8 +55,22 @@ class Run:
     """The budget, the report and its files: every item is recorded as measured, skipped (with
     the reason) or failed (with the error), and the files rewritten after each."""
 
-    def __init__(self, plan: cases.Plan, out: Path, budget_s: float):
-        self.plan, self.out, self.budget_s = plan, out, budget_s
+    def __init__(
+        self,
+        plan: cases.Plan,
+        out: Path,
+        budget_s: float,
+        grace_s: float = 60.0,
+        on_overrun: Callable[[int], Any] = os._exit,
+    ):
+        """``grace_s``: an item still running that long past the budget is recorded as stopped
+        and the process ends with ``on_overrun(3)`` (the estimates are leads: this bounds the
+        device time whatever they miss)."""
+        self.plan, self.out, self.budget_s, self.grace_s = plan, out, budget_s, grace_s
+        self.on_overrun = on_overrun
+        self.lock = threading.RLock()
+        self.current: tuple[str, str] | None = None
+        self.closed = False
         self.start = time.perf_counter()
         self.report: dict[str, Any] = {
             "plan": asdict(plan),
@@ -64,6 +81,30 @@ class Run:
         self.row_step_s = 0.0
         """Slowest seconds per UNet row per step seen so far (the estimates' unit)."""
         self.write()
+        self.watchdog = threading.Timer(max(budget_s + grace_s - self.elapsed(), 0), self.overrun)
+        self.watchdog.daemon = True
+        self.watchdog.start()
+
+    def overrun(self) -> None:
+        """The watchdog: record the item in flight as stopped, write the files, end the run."""
+        with self.lock:
+            if self.closed:
+                return
+            section, label = self.current or ("batches", "between items")
+            over = self.elapsed() - self.budget_s
+            reason = (
+                f"stopped: still running {over:.0f} s past the budget (grace {self.grace_s:.0f} s)"
+            )
+            self.report["sections"][section]["skipped"].append({"item": label, "reason": reason})
+            self.log(f"{section} {label}: {reason}; ending the run")
+            self.write()
+            self.closed = True
+        self.on_overrun(3)
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+        self.watchdog.cancel()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -88,12 +129,13 @@ class Run:
         """Run one measurement if ``estimate`` fits what is left of the budget; record it."""
         entry = self.report["sections"][section]
         if estimate > self.left():
-            reason = f"needs ≈{estimate:.0f} s, {max(self.left(), 0):.0f} s of the budget left"
+            reason = f"needs ≈{estimate:.1f} s, {max(self.left(), 0):.1f} s of the budget left"
             entry["skipped"].append({"item": label, "reason": reason})
             self.log(f"{section} {label}: skipped ({reason})")
             self.write()
             return None
         self.log(f"{section} {label}: start (estimate {estimate:.0f} s)")
+        self.current = (section, label)
         try:
             result = fn()
         except Skip as e:
@@ -111,7 +153,7 @@ class Run:
         if isinstance(result, dict):
             entry["rows"].append({"item": label, **result})
             self.learn(result)
-            shown = {k: result[k] for k in ("s_per_frame", "peak_gpu_gib") if k in result}
+            shown = {k: result[k] for k in ("s_per_frame", "peak_over_resident_gib") if k in result}
             self.log(f"{section} {label}: {shown or 'done'}")
         self.write()
         return result
@@ -122,10 +164,15 @@ class Run:
         self.write()
 
     def write(self) -> None:
-        self.report["elapsed_s"] = round(self.elapsed(), 1)
-        self.report["status"] = {k: status(v) for k, v in self.report["sections"].items()}
-        self.report["comparisons"] = comparisons(self.report)
-        common.write_report(self.report, self.out / "gpu.json", markdown(self.report))
+        """Rewrite gpu.json and gpu.md (not after the watchdog ended the run)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.current = None
+            self.report["elapsed_s"] = round(self.elapsed(), 1)
+            self.report["status"] = {k: status(v) for k, v in self.report["sections"].items()}
+            self.report["comparisons"] = comparisons(self.report)
+            common.write_report(self.report, self.out / "gpu.json", markdown(self.report))
 
 
 def status(section: dict[str, Any]) -> str:
@@ -153,118 +200,129 @@ def machine(device: str) -> dict[str, Any]:
     return info
 
 
-def plan_items(run: Run, benches: dict[str, cases.Bench], root: Path) -> list[Item]:
-    """Every measurement after the main dtype's batches, in order of value."""
-    plan = run.plan
-    main, other = plan.dtypes[0], plan.dtypes[1:]
-    steps = plan.steps
-    goal = plan.goal_batch
-    later = [b for b in plan.batches if b != goal]
+class Planner:
+    """The measurements after the main dtype's goal batch, as :data:`Item` in order of value."""
 
-    def batch(dtype: str, mode: str, b: int) -> Item:
-        rows = b * (4 if "kv" in mode else 2)
-        return (
-            "batches" if dtype == main else "other_dtype",
-            f"{dtype} {mode} b={b}",
-            lambda: run.estimate(rows, steps, plan.repeats),
-            lambda: cases.measure_batch(built(dtype), plan, mode, b),
-        )
+    def __init__(self, run: Run, benches: dict[str, cases.Bench], root: Path):
+        self.run, self.plan, self.benches, self.root = run, run.plan, benches, root
+        self.main, self.goal = self.plan.dtypes[0], self.plan.goal_batch
+        self._pipe: Any = None
 
-    def built(dtype: str) -> cases.Bench:
-        if dtype not in benches:
+    def estimate(self, rows: int, calls: int) -> Callable[[], float]:
+        return lambda: self.run.estimate(rows, self.plan.steps, calls)
+
+    def built(self, dtype: str) -> cases.Bench:
+        if dtype not in self.benches:
             raise Skip(f"the {dtype} models were not built (see its errors)")
-        return benches[dtype]
+        return self.benches[dtype]
 
-    def peer(b: int) -> Item:
-        return (
-            "diffusers_peer",
-            f"{main} b={b}",
-            lambda: run.estimate(2 * b, steps, plan.repeats),
-            lambda: cases.measure_peer(benches[main], peer_pipe(), plan, b),
-        )
+    def batch(self, dtype: str, mode: str, b: int) -> Item:
+        section = "batches" if dtype == self.main else "other_dtype"
+        rows = b * (4 if "kv" in mode else 2)
+        fn = lambda: cases.measure_batch(self.built(dtype), self.plan, mode, b)  # noqa: E731
+        return section, f"{dtype} {mode} b={b}", self.estimate(rows, self.plan.repeats), fn
 
-    pipes: dict[str, Any] = {}
-
-    def peer_pipe() -> Any:
-        if "pipe" not in pipes:
-            pipes["pipe"] = cases.peer_pipeline(benches[main])
-        return pipes["pipe"]
-
-    def build(dtype: str) -> Item:
+    def peer(self, b: int) -> Item:
         def fn() -> dict[str, Any]:
-            benches[dtype] = cases.build_bench(plan, dtype, source=benches[main])
-            return {"dtype": dtype, "build_s": round(benches[dtype].build_s, 3)}
+            if self._pipe is None:
+                self._pipe = cases.peer_pipeline(self.benches[self.main])
+            return cases.measure_peer(self.benches[self.main], self._pipe, self.plan, b)
 
-        return ("other_dtype", f"build {dtype}", lambda: benches[main].build_s, fn)
+        return "diffusers_peer", f"{self.main} b={b}", self.estimate(2 * b, self.plan.repeats), fn
 
-    def lora() -> dict[str, Any]:
-        bench = benches[main]
-        with cases.three_adapters(bench):
-            unused = cases.measure_batch(bench, plan, "none", goal, adapters=[None])
-            mixed = cases.measure_batch(bench, plan, "none", goal, adapters=[*cases.ADAPTERS, None])
-        return {"loaded_unused": unused, "mixed_3_adapters_and_base": mixed}
+    def build(self, dtype: str) -> Item:
+        def fn() -> dict[str, Any]:
+            bench = cases.build_bench(self.plan, dtype, source=self.benches[self.main])
+            self.benches[dtype] = bench
+            return {"dtype": dtype, "build_s": round(bench.build_s, 3)}
 
-    def compiled() -> dict[str, Any]:
-        with cases.compiled_step(benches[main], plan):
-            return cases.measure_batch(benches[main], plan, "none", goal)
+        return "other_dtype", f"build {dtype}", lambda: self.benches[self.main].build_s, fn
 
-    items: list[Item] = [peer(goal)]
-    items += [batch(main, "none", b) for b in later] + [peer(b) for b in later]
-    items += [batch(main, m, goal) for m in ("kv+latent", "kv", "latent")]
-    items += [batch(main, m, b) for b in later for m in ("kv+latent", "kv", "latent")]
-    for dtype in other:
-        items += [build(dtype), batch(dtype, "none", goal), batch(dtype, "kv+latent", goal)]
-    items.append(("lora", f"{main} b={goal}", lambda: run.estimate(4 * goal, steps, 4), lora))
-    core_rows = plan.core_characters * plan.core_frames * 4
-    items.append(
-        (
-            "core_utilisation",
-            f"{main} {plan.core_characters}x{plan.core_frames}",
-            lambda: run.estimate(core_rows, steps, 1) + 10,
-            lambda: cases.measure_core(benches[main], plan, root / "core"),
+    def lora(self) -> Item:
+        def fn() -> dict[str, Any]:
+            bench, plan, goal = self.benches[self.main], self.plan, self.goal
+            with cases.three_adapters(bench):
+                unused = cases.measure_batch(bench, plan, "none", goal, adapters=[None])
+                mixed = [*cases.ADAPTERS, None]
+                both = cases.measure_batch(bench, plan, "none", goal, adapters=mixed)
+            return {"loaded_unused": unused, "mixed_3_adapters_and_base": both}
+
+        return (
+            "lora",
+            f"{self.main} b={self.goal}",
+            self.estimate(2 * self.goal, 2 * self.plan.repeats),
+            fn,
         )
-    )
-    items.append(
-        (
-            "deep_cache",
-            f"{main} none b={goal} interval={plan.deep_cache}",
-            lambda: run.estimate(2 * goal, steps, plan.repeats),
-            lambda: cases.measure_batch(
-                benches[main], plan, "none", goal, deep_cache=plan.deep_cache
-            ),
-        )
-    )
-    items.append(("compile", f"{main} none b={goal}", lambda: compile_estimate(run), compiled))
-    for dtype in other:
-        items += [batch(dtype, m, b) for b in later for m in ("none", "kv+latent")]
-        items += [batch(dtype, m, b) for b in plan.batches for m in ("kv", "latent")]
 
-    return items
+    def core(self) -> Item:
+        plan = self.plan
+        rows = plan.core_characters * plan.core_frames * 4
+        fn = lambda: gpu_core.measure_core(self.benches[self.main], plan, self.root / "core")  # noqa: E731
+        estimate = self.estimate(rows, 1)
+        label = f"{self.main} {plan.core_characters}x{plan.core_frames}"
+        return "core_utilisation", label, lambda: estimate() + 10, fn
 
+    def deep_cache(self) -> Item:
+        n = self.plan.deep_cache
 
-def compile_estimate(run: Run) -> float:
-    """torch.compile of the UNet + ControlNet step: ≈120 s of inductor on a GPU machine (a
-    lead, unmeasured here) plus the timed calls; the smoke plan's ``eager`` back-end traces only."""
-    base = 120.0 if run.plan.compile_backend == "inductor" else 0.0
-    return base + run.estimate(2 * run.plan.goal_batch, run.plan.steps, run.plan.repeats)
+        def fn() -> dict[str, Any]:
+            bench = self.benches[self.main]
+            return cases.measure_batch(bench, self.plan, "none", self.goal, deep_cache=n)
+
+        label = f"{self.main} none b={self.goal} interval={n}"
+        return "deep_cache", label, self.estimate(2 * self.goal, self.plan.repeats), fn
+
+    def compile(self) -> Item:
+        """torch.compile of the UNet + ControlNet step: ≈120 s of inductor assumed on a GPU
+        machine (a lead, unmeasured here) plus the timed calls; the smoke plan's ``eager``
+        back-end only traces."""
+        base = 120.0 if self.plan.compile_backend == "inductor" else 0.0
+        timed = self.estimate(2 * self.goal, self.plan.repeats)
+
+        def fn() -> dict[str, Any]:
+            bench = self.benches[self.main]
+            with cases.compiled_step(bench, self.plan):
+                return cases.measure_batch(bench, self.plan, "none", self.goal)
+
+        return "compile", f"{self.main} none b={self.goal}", lambda: base + timed(), fn
+
+    def items(self) -> list[Item]:
+        main, goal, plan = self.main, self.goal, self.plan
+        later = [b for b in plan.batches if b != goal]
+        aligned = ("kv+latent", "kv", "latent")
+        items = [self.peer(goal)]
+        items += [self.batch(main, "none", b) for b in later] + [self.peer(b) for b in later]
+        items += [self.batch(main, m, goal) for m in aligned]
+        items += [self.batch(main, m, b) for b in later for m in aligned]
+        for dtype in plan.dtypes[1:]:
+            items += [self.build(dtype), self.batch(dtype, "none", goal)]
+            items.append(self.batch(dtype, "kv+latent", goal))
+        items += [self.lora(), self.core(), self.deep_cache(), self.compile()]
+        for dtype in plan.dtypes[1:]:
+            items += [self.batch(dtype, m, b) for b in later for m in ("none", "kv+latent")]
+            items += [self.batch(dtype, m, b) for b in plan.batches for m in ("kv", "latent")]
+        return items
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=common.OUT / "gpu", help="folder of gpu.json/.md")
     p.add_argument("--budget-s", type=float, default=420.0, help="seconds for every item")
+    p.add_argument(
+        "--grace-s", type=float, default=60.0, help="end the run this long past the budget"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (the test)")
     p.add_argument("--preset", default="sd15-random")
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    if args.budget_s <= 0:
-        p.error(f"--budget-s must be > 0, got {args.budget_s}")
+    if args.budget_s <= 0 or args.grace_s < 0:
+        p.error(f"--budget-s must be > 0 and --grace-s >= 0, got {args.budget_s}, {args.grace_s}")
     plan = cases.SMOKE if args.smoke else cases.full_plan(args.preset, args.device)
     if plan.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device here: run on the GPU machine, or --smoke on a CPU")
     if plan.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
-    run = Run(plan, args.out, args.budget_s)
+    run = Run(plan, args.out, args.budget_s, args.grace_s)
     run.log(f"plan {plan}; machine {run.report['machine'].get('gpu', plan.device)}")
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     benches: dict[str, cases.Bench] = {}
@@ -276,16 +334,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 "batches", f"{main_dtype} none b={goal}", 0.0,
                 lambda: cases.measure_batch(benches[main_dtype], plan, "none", goal),
             )  # fmt: skip
-            for section, label, estimate, fn in plan_items(run, benches, root):
+            for section, label, estimate, fn in Planner(run, benches, root).items():
                 run.do(section, label, estimate(), fn)
         else:
             for section in SECTIONS:
                 if section != "batches":
                     run.skip_section(section, f"the {main_dtype} models could not be built")
         vae_share(run)
+        run.write()
     finally:
+        run.close()
         shutil.rmtree(root, ignore_errors=True)
-    run.write()
     run.log(f"wrote {args.out / 'gpu.json'} and gpu.md; status {run.report['status']}")
     return 1 if "error" in run.report["status"].values() else 0
 

@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -86,13 +85,21 @@ def clocked(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float]:
 
 @contextlib.contextmanager
 def peak_memory(device: torch.device, into: dict[str, Any]) -> Iterator[None]:
-    """Set ``into["peak_gpu_gib"]`` to the peak GPU memory allocated by torch in the block (None
-    on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    """Record in ``into`` the GPU memory torch allocated: ``resident_gib`` when the block starts
+    (every resident model of the run), ``peak_gpu_gib`` at the block's peak, and
+    ``peak_over_resident_gib`` (what the block itself needed: activations, workspaces). None on
+    a CPU."""
+    if device.type != "cuda":
+        into.update(resident_gib=None, peak_gpu_gib=None, peak_over_resident_gib=None)
+        yield
+        return
+    torch.cuda.reset_peak_memory_stats(device)
+    resident = torch.cuda.memory_allocated(device)
     yield
-    gib = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    into["peak_gpu_gib"] = None if gib is None else round(gib, 2)
+    peak = torch.cuda.max_memory_allocated(device)
+    into["resident_gib"] = round(resident / 2**30, 2)
+    into["peak_gpu_gib"] = round(peak / 2**30, 2)
+    into["peak_over_resident_gib"] = round((peak - resident) / 2**30, 2)
 
 
 # -- resident models -----------------------------------------------------------------------------
@@ -113,6 +120,14 @@ class Bench:
     text: torch.Tensor
     """(2, 77, D) [negative, prompt] embeddings."""
     build_s: float
+
+    @property
+    def weights_gib(self) -> float:
+        """GiB of the engine's models' parameters (UNet, ControlNet, VAE, text encoder)."""
+        p = self.chain.parts
+        modules = (p.unet, p.controlnet, p.vae, p.text_encoder)
+        size = sum(t.numel() * t.element_size() for m in modules for t in m.parameters())
+        return round(size / 2**30, 3)
 
     @property
     def device(self) -> torch.device:
@@ -201,7 +216,7 @@ def measure_batch(
     with peak_memory(dev, row):
         for _ in range(plan.repeats):
             latents, denoise_s = clocked(dev, lambda: denoiser.denoise(work))
-            _, decode_s = clocked(dev, lambda lat=latents: bench.chain.decode_batch(lat))
+            _, decode_s = clocked(dev, partial(bench.chain.decode_batch, latents))
             samples.append((denoise_s, decode_s))
     denoise_s, decode_s = min(samples, key=sum)
     finite = sum(bool(torch.isfinite(x).all()) for x in latents)
@@ -218,6 +233,7 @@ def measure_batch(
         "warmup_s": round(warmup_s, 3),
         "unet_rows": batch * rows_per_frame(mode) if "kv" in mode else batch * 2,
         "finite_latents": f"{finite}/{batch}",
+        "weights_gib": bench.weights_gib,
         **row,
         **{k: v for k, v in changes.items()},
     }
@@ -323,111 +339,3 @@ def compiled_step(bench: Bench, plan: Plan) -> Iterator[None]:
         yield
     finally:
         use_step(chain, before)
-
-
-# -- the in-process core -------------------------------------------------------------------------
-
-
-class GpuSampler:
-    """Samples the GPU's utilisation (NVML, every 50 ms) on a thread while entered."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.samples = device, list[int]()
-        self.reason: str | None = None
-        self._stop = threading.Event()
-
-    def __enter__(self) -> GpuSampler:
-        if self.device.type != "cuda":
-            self.reason = "not a CUDA device"
-            return self
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            handle = pynvml.nvmlDeviceGetHandleByIndex(self.device.index or 0)
-        except Exception as e:  # NVML missing or refused: say so in the record
-            self.reason = f"NVML unavailable: {e!r}"
-            return self
-
-        def run() -> None:
-            while not self._stop.wait(0.05):
-                self.samples.append(int(pynvml.nvmlDeviceGetUtilizationRates(handle).gpu))
-
-        self._thread = threading.Thread(target=run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if hasattr(self, "_thread"):
-            self._thread.join(timeout=5)
-
-    def record(self) -> dict[str, Any]:
-        if self.reason or not self.samples:
-            return {"nvml_gpu_util_pct": None, "nvml": self.reason or "no samples"}
-        return {"nvml_gpu_util_pct": round(float(np.mean(self.samples)), 1)}
-
-
-@contextlib.contextmanager
-def without_video(into: dict[str, Any]) -> Iterator[None]:
-    """Skip the core's video encoding (renders still write frames, latents, contact sheet and
-    manifest) when PyAV is not installed (it stays off the device's wheels: ≈36 MB); records
-    which in ``into["video"]``."""
-    try:
-        import av  # noqa: F401
-
-        into["video"] = "encoded (PyAV present)"
-        yield
-        return
-    except ImportError:
-        pass
-    from engine.core import live
-
-    into["video"] = "skipped: PyAV is not installed here (frames were written, no video.mp4)"
-    encode = live.encode_video
-    live.encode_video = lambda out, poses, config: out / "video.mp4"
-    try:
-        yield
-    finally:
-        live.encode_video = encode
-
-
-def measure_core(bench: Bench, plan: Plan, root: Path) -> dict[str, Any]:
-    """``plan.core_characters`` × ``plan.core_frames`` renders through the engine core with the
-    in-process executor on ``bench``'s chain (preset settings: its inter-frame mode, batch
-    ``cluster.max_batch = plan.goal_batch``): wall s/frame, the Sampler's busy share of the wall
-    time and the GPU utilisation NVML saw."""
-    from engine.core import EngineCore, InProcessExecutor, RenderStore
-
-    c = bench.config
-    overrides = [
-        f"model.dtype={c.model.dtype}",
-        f"model.device={plan.device}",
-        f"sampler.steps={plan.steps}",
-        f"cluster.max_batch={plan.goal_batch}",
-    ]
-    characters = common.make_characters(
-        plan.preset, plan.core_characters, plan.core_frames, root, overrides
-    )
-    engine = common.engine_config(plan.preset, overrides)
-    executor = InProcessExecutor(engine, bench.chain, overlap=False)
-    core = EngineCore(engine, RenderStore(root / "renders"), executor, resume=False)
-    record: dict[str, Any] = {"inter_frame": c.alignment.inter_frame}
-    try:
-        with without_video(record):
-            warm = [("warmup", common.warmup_spec(characters[0], root))]
-            _, warmup_s = clocked(bench.device, lambda: common.run_core(core, warm, 600))
-            record["warmup_s"] = round(warmup_s, 3)
-            specs = [(ch.render_id, ch.config) for ch in characters]
-            with common.CoreProfile(executor) as profile, GpuSampler(bench.device) as gpu:
-                seconds, sizes = common.run_core(core, specs, 900)
-    finally:
-        core.close()
-    frames = plan.core_characters * plan.core_frames
-    busy = profile.record()
-    return {
-        **common.run_record(seconds, frames, batch_sizes=sizes, **busy),
-        "sampler_busy_share": round(busy["sampler_busy_s"] / seconds, 4),
-        **gpu.record(),
-        **record,
-    }

@@ -62,8 +62,8 @@ def _batch_table(report: dict[str, Any]) -> list[str]:
     ratios = {(c["section"], c["item"]): c for c in report["comparisons"]}
     lines = [
         "| section | dtype | inter_frame | batch | s/frame | ×goal | ×peer | decode share | "
-        "peak GiB | warm-up s |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "weights GiB | peak GiB over resident | warm-up s |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for section in ("batches", "other_dtype", "deep_cache", "compile"):
         for r in _rows(report, section):
@@ -72,17 +72,18 @@ def _batch_table(report: dict[str, Any]) -> list[str]:
                 f"| {section} | {r['dtype']} | {r['mode']} | {r['batch']} | "
                 f"{fmt(r['s_per_frame'])} | {fmt(c.get('vs_goal'), 2)} | "
                 f"{fmt(c.get('vs_peer'), 2)} | {fmt(r['decode_share'], 2)} | "
-                f"{fmt(r.get('peak_gpu_gib'), 1)} | {fmt(r['warmup_s'], 1)} |"
+                f"{fmt(r['weights_gib'], 2)} | {fmt(r.get('peak_over_resident_gib'), 2)} | "
+                f"{fmt(r['warmup_s'], 1)} |"
             )
     return lines
 
 
 def _peer_table(report: dict[str, Any]) -> list[str]:
-    lines = ["| dtype | batch | s/frame | peak GiB |", "|---|---:|---:|---:|"]
+    lines = ["| dtype | batch | s/frame | peak GiB over resident |", "|---|---:|---:|---:|"]
     for r in _rows(report, "diffusers_peer"):
         lines.append(
             f"| {r['dtype']} | {r['batch']} | {fmt(r['s_per_frame'])} | "
-            f"{fmt(r.get('peak_gpu_gib'), 1)} |"
+            f"{fmt(r.get('peak_over_resident_gib'), 2)} |"
         )
     return lines
 
@@ -131,6 +132,10 @@ def markdown(report: dict[str, Any]) -> str:
         f"Goal: ≤ {plan['goal_s_per_frame']} s/frame per character at batch {plan['goal_batch']}"
         f" (×goal ≤ 1 meets it). Elapsed {report['elapsed_s']} s of a "
         f"{report['budget_s']:.0f} s budget. Status: {report['status']}",
+        "",
+        "Memory: the models' weights, and the peak GPU memory torch allocated in the timed calls "
+        "over what was resident when they started (activations and workspaces of that batch; "
+        "every row's `resident_gib` in gpu.json also counts the run's other resident copies).",
         "",
     ]
     body = [*_batch_table(report), "", "Plain diffusers (batched pipeline call):", ""]
