@@ -335,6 +335,11 @@ class RenderConfig(_Base):
                 f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
                 "the random-weight presets run in float32; use model.dtype=float32"
             )
+        if self.appearance.lora and not self.alignment.intra_frame:
+            raise ValueError(
+                f"appearance.lora={self.appearance.lora!r} drives the appearance only with "
+                "alignment.intra_frame=true; set it (or drop appearance.lora)"
+            )
         if self.sampler.deep_cache > 1 and self.model.backend != "eager":
             raise ValueError(
                 f"sampler.deep_cache={self.sampler.deep_cache} runs on model.backend=eager only "

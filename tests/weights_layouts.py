@@ -236,24 +236,38 @@ def kohya_lora(
     alpha: float = 2.0,
     seed: int = 0,
     std: float = 0.05,
+    extra: bool = False,
 ) -> dict[str, torch.Tensor]:
     """A random kohya-sd-scripts LoRA of SD-1.x: every attention projection (q/k/v/out) of the
-    UNet and, given ``text_encoder``, of its self-attention, keys ``lora_unet_<module_path>``."""
+    UNet and, given ``text_encoder``, of its self-attention, keys ``lora_unet_<module_path>`` /
+    ``lora_te_text_model_<module_path>``. ``extra`` also adapts each transformer's ``proj_in``
+    (a 1x1 conv in SD-1.x) and feed-forward output at rank 2, alpha 1 (LoRA-C3Lier style)."""
     gen = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    parts = [("lora_unet", unet, ("to_q", "to_k", "to_v", "to_out.0"))]
+
+    def add(key: str, module: torch.nn.Module, r: int, a: float) -> None:
+        if isinstance(module, torch.nn.Conv2d):
+            down = (r, module.in_channels, *module.kernel_size)
+            up = (module.out_channels, r, 1, 1)
+        else:
+            down, up = (r, module.in_features), (module.out_features, r)
+        out[f"{key}.lora_down.weight"] = torch.randn(down, generator=gen) * std
+        out[f"{key}.lora_up.weight"] = torch.randn(up, generator=gen) * std
+        out[f"{key}.alpha"] = torch.tensor(float(a))
+
+    for name, module in unet.named_modules():
+        key = f"lora_unet_{name.replace('.', '_')}"
+        if isinstance(module, torch.nn.Linear) and name.endswith(
+            ("to_q", "to_k", "to_v", "to_out.0")
+        ):
+            add(key, module, rank, alpha)
+        elif extra and name.endswith(("proj_in", "ff.net.2")):
+            add(key, module, 2, 1.0)
     if text_encoder is not None:
-        parts.append(("lora_te", text_encoder, ("q_proj", "k_proj", "v_proj", "out_proj")))
-    for prefix, model, targets in parts:
-        for name, module in model.named_modules():
-            if not isinstance(module, torch.nn.Linear) or not name.endswith(targets):
-                continue
-            key = f"{prefix}_{name.replace('.', '_')}"
-            out[f"{key}.lora_down.weight"] = (
-                torch.randn(rank, module.in_features, generator=gen) * std
-            )
-            out[f"{key}.lora_up.weight"] = (
-                torch.randn(module.out_features, rank, generator=gen) * std
-            )
-            out[f"{key}.alpha"] = torch.tensor(float(alpha))
+        for name, module in text_encoder.named_modules():
+            if isinstance(module, torch.nn.Linear) and name.endswith(
+                ("q_proj", "k_proj", "v_proj", "out_proj")
+            ):
+                path = name if name.startswith("text_model.") else f"text_model.{name}"
+                add(f"lora_te_{path.replace('.', '_')}", module, rank, alpha)
     return out
