@@ -305,3 +305,28 @@ def test_shipped_configs_are_sd15s_architectures():
     assert inpaint["in_channels"] == 9
     tokenizer = clip_tokenizer(None)  # CLIP's BPE vocabulary: known ids
     assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]
+
+
+def test_batch_manifest_takes_model_keys_in_set_and_names_them_when_a_spec_holds_them(tmp_path):
+    from cluster.batch import load_manifest
+    from engine.pose import save_poses_json, synthetic_dance
+
+    (tmp_path / "weights" / "sd15").mkdir(parents=True)
+    save_poses_json(synthetic_dance(frames=2, fps=8, width=64, height=64), tmp_path / "p.json")
+    (tmp_path / "a.yaml").write_text("prompt: a dancer\nposes: p.json\n")
+    (tmp_path / "b.yaml").write_text(
+        "prompt: a dancer\nposes: p.json\nmodel:\n  base: weights/sd15\n"
+    )
+    manifest = tmp_path / "batch.yaml"
+    manifest.write_text(
+        "preset: sd15\nset: ['model.base=weights/sd15', 'model.dtype=float32']\n"
+        "renders:\n  - {id: a, spec: a.yaml}\n"
+    )
+    engine, renders = load_manifest(manifest)
+    assert engine.model.base == str(tmp_path / "weights" / "sd15")  # the manifest's folder
+    assert renders[0][1].model == engine.model
+    manifest.write_text("preset: sd15\nrenders:\n  - {id: b, spec: b.yaml}\n")
+    with pytest.raises(
+        ConfigError, match=r"sets model\.base .*manifest's top-level set: \['model\.base="
+    ):
+        load_manifest(manifest)
