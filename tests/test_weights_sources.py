@@ -330,3 +330,97 @@ def test_batch_manifest_takes_model_keys_in_set_and_names_them_when_a_spec_holds
         ConfigError, match=r"sets model\.base .*manifest's top-level set: \['model\.base="
     ):
         load_manifest(manifest)
+
+
+def _check(layouts: dict[str, Path], *sets: str) -> list[str]:
+    from engine.models.check import check_models
+
+    base = [
+        f"model.base={layouts['safetensors']}",
+        f"model.controlnet={layouts['cn11']}",
+        f"model.inpaint={layouts['inpaint_file']}",
+        f"model.base_config={layouts['folder']}",
+        f"model.controlnet_config={layouts['controlnet_folder']}",
+        f"model.inpaint_config={layouts['inpaint_folder']}",
+        "model.device=cpu",
+        "model.dtype=float32",
+        "background.mask_source=pose",
+    ]
+    return [
+        str(line)
+        for line in check_models(load_config(None, preset="sd15", overrides=[*base, *sets]))
+    ]
+
+
+def test_models_check_describes_each_component_without_loading(layouts, tmp_path):
+    lines = _check(layouts)
+    assert all(line.startswith("ok") for line in lines), lines
+    joined = "\n".join(lines)
+    assert "model.base: file model.safetensors: SD (context 32), float32, 4.7 MB" in joined
+    assert "model.inpaint: file inpainting.safetensors: SD (context 32) inpainting" in joined
+    assert "model.controlnet: file control_v11p_openpose.pth: ControlNet (context 32)" in joined
+    folder = _check(
+        layouts,
+        f"model.base={layouts['folder']}",
+        f"model.controlnet={layouts['controlnet_folder']}",
+    )
+    assert all(line.startswith("ok") for line in folder), folder
+    # The tiny single file against SD-1.5's shipped configs: the architectures differ.
+    shipped = _check(layouts, "model.base_config=null")
+    problems = [line for line in shipped if line.startswith("problem")]
+    assert len(problems) == 3  # base, controlnet and inpaint are all context-32 models
+    assert problems[0] == (
+        "problem model.base: file model.safetensors: UNet context width 32, the model's is 768 "
+        "(SD-1.x 768, SD-2.x 1024); fix: name a checkpoint of the same architecture"
+    )
+
+
+def test_models_check_names_every_problem_with_its_fix(layouts, tmp_path):
+    lora = tmp_path / "other_model_lora.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(
+        {"lora_unet_x_attn2_to_k.lora_down.weight": torch.zeros(4, 1024),
+         "lora_unet_x_attn2_to_k.lora_up.weight": torch.zeros(8, 4)},
+        str(lora),
+    )  # fmt: skip
+    problems = [
+        line
+        for line in _check(
+            layouts,
+            "model.dtype=float16",
+            f"model.inpaint={layouts['safetensors']}",  # a text-to-image UNet
+            f"model.controlnet={layouts['folder']}",  # not a ControlNet
+            "model.base=./weights/missing",
+            "background.mask_source=sam",
+            "alignment.intra_frame=true",
+            f"appearance.lora={lora}",
+        )
+        if line.startswith("problem")
+    ]
+    text = "\n".join(problems)
+    assert len(problems) == 6, text
+    assert "model.dtype: model.dtype=float16 on a CPU" in text and "set model.dtype=float32" in text
+    assert "does not exist" in text  # model.base
+    assert "9 input channels" not in text and "4 input channels, an inpainting UNet has 9" in text
+    assert "no ControlNet weights in it" in text
+    assert "model.sam_checkpoint: not set" in text and "background.mask_source=pose" in text
+    assert "a LoRA of another model (context 1024)" in text
+
+
+def test_models_check_cli_exit_codes(layouts, tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        f"preset: sd15\nmodel:\n  base: {layouts['safetensors']}\n  controlnet: {layouts['cn11']}\n"
+        f"  base_config: {layouts['folder']}\n  controlnet_config: {layouts['controlnet_folder']}\n"
+        "  device: cpu\n  dtype: float32\nalignment:\n  background: false\n"
+    )
+    ok = CliRunner().invoke(app, ["models", "check", str(spec)])
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.count("\n") == 3  # dtype, base, controlnet
+    bad = CliRunner().invoke(app, ["models", "check", str(spec), "--set", "model.dtype=float16"])
+    assert bad.exit_code == 1 and bad.output.startswith("problem model.dtype")
