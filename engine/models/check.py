@@ -183,8 +183,8 @@ def _check_unet(config: ModelConfig, field: str, in_channels: int, context: int)
             f"folder {path} has no unet/config.json; fix: name a diffusers SD-1.x folder or a "
             ".safetensors/.ckpt file",
         )
-    tensors = _folder_tensors(path / "unet", config.variant)
-    return _unet_line(field, f"folder {path}", tensors, in_channels, context)
+    unet = _folder_tensors(path / "unet", config.variant)
+    return _unet_line(field, f"folder {path}", unet, in_channels, context)
 
 
 def _check_controlnet(config: ModelConfig, context: int) -> Line:
