@@ -6,6 +6,7 @@ so every source must give the very same models, and therefore the very same fram
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,7 @@ def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ckpt": wl.write_single_file(sd, root / "files" / "model.ckpt"),
         "cn11": wl.write_single_file(control, root / "files" / "control_v11p_openpose.pth"),
         "cn10": wl.write_single_file({**sd, **control}, root / "files" / "control_openpose.pth"),
+        "hf_sam": wl.write_hf_sam(root / "sam-hf"),
         "inpaint_file": wl.write_single_file(
             wl.unet_to_ldm(dict(inpaint.state_dict()), inpaint.config),
             root / "files" / "inpainting.safetensors",
@@ -141,7 +143,8 @@ def test_every_source_renders_the_same_frames(layouts, two_frames, tmp_path, mon
 
 
 def test_single_file_renders_the_whole_method(layouts, two_frames, tmp_path):
-    """LoRA training, an inpainted plate from a single-file inpainting UNet, kv chain."""
+    """LoRA training, a SAM mask from a transformers-layout SAM, an inpainted plate from a
+    single-file inpainting UNet, kv chain."""
     frames = _render(
         tmp_path / "full",
         two_frames,
@@ -152,7 +155,9 @@ def test_single_file_renders_the_whole_method(layouts, two_frames, tmp_path):
         "alignment.intra_frame=true",
         "alignment.background=true",
         "alignment.inter_frame=kv",
-        "background.mask_source=pose",
+        "background.mask_source=sam",
+        f"model.sam_checkpoint={layouts['hf_sam']}",
+        "background.fallback_to_pose=true",
         "background.inpaint_steps=2",
         "appearance.references=1",
         "appearance.steps=2",
@@ -161,6 +166,26 @@ def test_single_file_renders_the_whole_method(layouts, two_frames, tmp_path):
     assert len(frames) == 2
     assert (tmp_path / "full" / "plate" / "plate.png").is_file()
     assert (tmp_path / "full" / "adapter").is_dir()
+    plate = json.loads((tmp_path / "full" / "plate" / "plate.json").read_text())
+    assert plate["sam_score"] is not None  # SAM ran (its mask may still fall back to the pose's)
+
+
+def test_hf_sam_predicts_like_segment_anythings_predictor(layouts):
+    """The transformers SAM behind SamPredictor's interface: 3 masks at the image size."""
+    from engine.background import segment_person
+    from engine.models.sam import build_sam_predictor
+    from engine.pose import synthetic_dance
+
+    predictor = build_sam_predictor(
+        _model(layouts, sam_checkpoint=layouts["hf_sam"], sam_type="vit_b")
+    )
+    image = (np.random.default_rng(0).random((64, 48, 3)) * 255).astype(np.uint8)
+    keypoints = synthetic_dance(frames=1, fps=8, width=48, height=64).keypoints[0]
+    seg = segment_person(predictor, image, keypoints)
+    assert seg.mask.shape == (64, 48) and seg.mask.dtype == bool and 0 <= seg.chosen < 3
+    wrong = layouts["folder"] / "unet"  # a folder, but not a SAM
+    with pytest.raises(WeightsNotFoundError, match="transformers SAM folder"):
+        build_sam_predictor(_model(layouts, sam_checkpoint=wrong))
 
 
 def test_single_file_of_another_model_is_refused_with_the_fix(layouts, tmp_path):
@@ -365,6 +390,8 @@ def test_models_check_describes_each_component_without_loading(layouts, tmp_path
         f"model.controlnet={layouts['controlnet_folder']}",
     )
     assert all(line.startswith("ok") for line in folder), folder
+    sam = _check(layouts, "background.mask_source=sam", f"model.sam_checkpoint={layouts['hf_sam']}")
+    assert "ok      model.sam_checkpoint: transformers SAM 64," in "\n".join(sam)
     # The tiny single file against SD-1.5's shipped configs: the architectures differ.
     shipped = _check(layouts, "model.base_config=null")
     problems = [line for line in shipped if line.startswith("problem")]

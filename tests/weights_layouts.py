@@ -271,3 +271,46 @@ def kohya_lora(
                 path = name if name.startswith("text_model.") else f"text_model.{name}"
                 add(f"lora_te_{path.replace('.', '_')}", module, rank, alpha)
     return out
+
+
+def write_hf_sam(folder: Path, seed: int = 0) -> Path:
+    """A random SAM in transformers' layout (``SamModel.save_pretrained`` + its processor):
+    ViT width 64, 2 layers, 256-pixel input."""
+    from transformers import (
+        SamConfig,
+        SamImageProcessor,
+        SamMaskDecoderConfig,
+        SamModel,
+        SamProcessor,
+        SamPromptEncoderConfig,
+        SamVisionConfig,
+    )
+
+    vision = SamVisionConfig(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=256,
+        output_channels=32,
+        global_attn_indexes=[1],
+        window_size=8,
+        mlp_dim=128,
+        num_pos_feats=16,
+    )
+    prompt = SamPromptEncoderConfig(hidden_size=32, image_size=256, image_embedding_size=16)
+    decoder = SamMaskDecoderConfig(
+        hidden_size=32, num_attention_heads=2, mlp_dim=64, iou_head_hidden_dim=32
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = SamModel(
+            SamConfig(
+                vision_config=vision, prompt_encoder_config=prompt, mask_decoder_config=decoder
+            )
+        )
+    model.save_pretrained(folder)
+    size = {"longest_edge": 256}
+    SamProcessor(
+        SamImageProcessor(size=size, pad_size={"height": 256, "width": 256})
+    ).save_pretrained(folder)
+    return folder

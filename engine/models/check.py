@@ -240,7 +240,7 @@ def _check_sam(config: ModelConfig) -> Line:
         )
     path = Path(config.sam_checkpoint).expanduser()
     if not path.is_file():
-        return Line("model.sam_checkpoint", False, f"{path} does not exist; fix the path")
+        return _check_hf_sam(config)
     tensors = read_tensors(path)
     proj = tensors.shape("image_encoder.patch_embed.proj.weight")
     found = _SAM_WIDTH.get(proj[0]) if proj else None
@@ -258,6 +258,33 @@ def _check_sam(config: ModelConfig) -> Line:
     return Line(
         "model.sam_checkpoint", True, f"SAM {found}, {tensors.dtypes()}, {_gb(tensors.size)}"
     )
+
+
+def _check_hf_sam(config: ModelConfig) -> Line:
+    """``model.sam_checkpoint`` as a transformers SAM folder or hub id."""
+    from engine.models.sam_hf import is_hf_sam
+
+    source = _source(config, "sam_checkpoint")
+    if isinstance(source, Line):
+        return source
+    folder = Path(source.location)
+    if not is_hf_sam(folder):
+        return Line(
+            "model.sam_checkpoint",
+            False,
+            f"{folder} is neither Meta's sam_vit_*.pth nor a transformers SAM folder; fix the path",
+        )
+    width = json.loads((folder / "config.json").read_text())["vision_config"]["hidden_size"]
+    found = _SAM_WIDTH.get(int(width))
+    if found is not None and found != config.sam_type:
+        return Line(
+            "model.sam_checkpoint",
+            False,
+            f"transformers SAM {found} but model.sam_type={config.sam_type}; fix: set "
+            f"model.sam_type={found}",
+        )
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    return Line("model.sam_checkpoint", True, f"transformers SAM {found or width}, {_gb(size)}")
 
 
 def _check_lora(value: str, context: int) -> Line:
