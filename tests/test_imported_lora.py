@@ -219,3 +219,32 @@ def test_render_with_an_imported_lora(kohya, tmp_path, dance_json):
     assert "imported" in json.dumps(manifest)
     assert Path(tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
     _ = kohya
+
+
+def test_compiled_steps_refuse_what_they_cannot_run_and_dora_is_refused(parts, kohya, tmp_path):
+    """Feed-forward / proj_in LoRA: the compiled steps' packing names the module; DoRA: refused."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    from engine.accel.graph import lora_layout, pack_adapters
+
+    path = tmp_path / "k.safetensors"
+    save_file(kohya, str(path))
+    weights = import_lora(path, parts.unet, parts.text_encoder)
+    unet = copy.deepcopy(parts.unet)
+    load_adapter(unet, weights, "imported", text_encoder=copy.deepcopy(parts.text_encoder))
+    layout = lora_layout(unet, weights.rank)
+    with pytest.raises(ValueError, match=r"adapts .*proj_in, which the compiled step lacks"):
+        pack_adapters(unet, ["imported"], layout)
+    pack_adapters(unet, ["imported"], layout, strict=False)  # the eager step's packing
+    dora = copy.deepcopy(parts.unet)
+    config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], use_dora=True)
+    inject_adapter_in_model(config, dora, adapter_name="default")
+    folder = tmp_path / "dora"
+    folder.mkdir()
+    config.save_pretrained(str(folder))
+    save_file(get_peft_model_state_dict(dora), str(folder / "adapter_model.safetensors"))
+    with pytest.raises(WeightsNotFoundError, match="DoRA"):
+        import_lora(folder, parts.unet, parts.text_encoder)
+    assert loaded_adapters(parts.unet) == []

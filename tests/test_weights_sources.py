@@ -7,6 +7,7 @@ so every source must give the very same models, and therefore the very same fram
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -451,3 +452,87 @@ def test_models_check_cli_exit_codes(layouts, tmp_path):
     assert ok.output.count("\n") == 3  # dtype, base, controlnet
     bad = CliRunner().invoke(app, ["models", "check", str(spec), "--set", "model.dtype=float16"])
     assert bad.exit_code == 1 and bad.output.startswith("problem model.dtype")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    not os.environ.get("AVATAR_SLOW_TESTS"),
+    reason="writes and reads ≈5.7 GB of SD-1.5-size weights; AVATAR_SLOW_TESTS=1",
+)
+@pytest.mark.timeout(1200)
+def test_sd15_single_files_at_the_real_configs_render(tmp_path, two_frames):
+    """SD-1.5-size random weights as an LDM .safetensors + a ControlNet v1.1 .pth, loaded against
+    the configs and CLIP tokenizer shipped in configs/models (no configs folder named): 2 frames
+    at 64², float32, CPU. Slow: ≈5.7 GB of weights written and read back."""
+    import gc
+    import time
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    start = time.perf_counter()
+    parts = build_components(ModelConfig(preset="sd15-random", device="cpu", dtype="float32"))
+    text = CLIPTextModel(CLIPTextConfig.from_pretrained(shipped_config("sd15") / "text_encoder"))
+    state = wl.unet_to_ldm(dict(parts.unet.state_dict()), parts.unet.config)
+    state.update(wl.vae_to_ldm(dict(parts.vae.state_dict()), parts.vae.config))
+    state.update(wl.text_to_ldm(dict(text.state_dict())))
+    base = wl.write_single_file(state, tmp_path / "sd15.safetensors")
+    control = wl.controlnet_to_ldm(dict(parts.controlnet.state_dict()), parts.controlnet.config)
+    cn = wl.write_single_file(control, tmp_path / "control_v11p_sd15_openpose.pth")
+    del parts, text, state, control
+    gc.collect()
+    built = time.perf_counter() - start
+    from engine.render import render
+
+    config = load_config(
+        None,
+        preset="sd15",
+        overrides=[
+            f"poses={two_frames}",
+            "prompt=a woman in a red dress dancing",
+            "width=64",
+            "height=64",
+            "sampler.steps=2",
+            "model.device=cpu",
+            "model.dtype=float32",
+            f"model.base={base}",
+            f"model.controlnet={cn}",
+            "alignment.intra_frame=false",
+            "alignment.background=false",
+            "output.contact_sheet=false",
+        ],
+    )
+    result = render(config, tmp_path / "out", progress=False)
+    print(f"built {built:.1f} s, rendered {time.perf_counter() - start - built:.1f} s")
+    assert result.frames == 2
+
+
+def test_models_check_knows_sdxl_sam_variants_and_uncached_hub_ids(layouts, tmp_path):
+    from engine.models.check import check_models
+
+    sdxl = wl.write_single_file(
+        {
+            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
+        },
+        tmp_path / "sdxl.safetensors",
+    )
+    sam_b = tmp_path / "sam_vit_b_01ec64.pth"
+    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, sam_b)
+    config = load_config(
+        None,
+        preset="sd15",
+        overrides=[
+            f"model.base={sdxl}",
+            "model.controlnet=someone/not-cached",
+            "model.offline=true",
+            f"model.sam_checkpoint={sam_b}",
+            "model.sam_type=vit_h",
+            "model.dtype=float32",
+            "model.device=cpu",
+        ],
+    )
+    lines = {line.component: line for line in check_models(config)}
+    assert "an SDXL checkpoint" in lines["model.base"].text
+    assert "not in the local hub cache" in lines["model.controlnet"].text
+    assert lines["model.sam_checkpoint"].text.endswith("fix: set model.sam_type=vit_b")
+    assert not any(line.ok for name, line in lines.items() if name != "model.dtype")
