@@ -536,3 +536,17 @@ def test_models_check_knows_sdxl_sam_variants_and_uncached_hub_ids(layouts, tmp_
     assert "not in the local hub cache" in lines["model.controlnet"].text
     assert lines["model.sam_checkpoint"].text.endswith("fix: set model.sam_type=vit_b")
     assert not any(line.ok for name, line in lines.items() if name != "model.dtype")
+
+
+def test_model_name_is_the_loaded_components_name(layouts, monkeypatch):
+    """The fingerprint of a render (model_name) and the components' name agree, by content."""
+    from engine.models.registry import model_name
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(layouts["hub_cache"]))
+    by_path = _model(layouts, base=layouts["folder"], controlnet=layouts["controlnet_folder"])
+    by_hub = _model(layouts, base="someone/tiny-sd", controlnet="someone/tiny-cn")
+    assert model_name(by_path) == build_components(by_path).name
+    assert model_name(by_hub) == build_components(by_hub).name
+    assert model_name(by_path) == model_name(by_hub)  # the same bytes in a folder and a hub cache
+    missing = _model(layouts, base="someone/elsewhere", controlnet="someone/tiny-cn")
+    assert model_name(missing).startswith("sd15:someone/elsewhere+")

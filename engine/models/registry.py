@@ -88,7 +88,11 @@ def model_name(config: ModelConfig) -> str:
     """Provenance id of the components ``config`` builds (manifests, fingerprints); for real
     weights the loaded components' ``name`` carries content digests instead of paths."""
     if config.preset == "sd15":
-        return f"sd15:{config.base}+{config.controlnet}"
+        from engine.models.sources import weights_id
+
+        return (
+            f"sd15:{weights_id(config.base, 'base')}+{weights_id(config.controlnet, 'controlnet')}"
+        )
     if config.preset == "sd15-random":
         return f"sd15-random-seed{config.seed}-{config.dtype}"
     return f"{config.preset}-random-seed{config.seed}"
@@ -305,7 +309,7 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
         controlnet=controlnet,
         device=device,
         dtype=dtype,
-        name=f"sd15:{base.digest[:16]}+{control_digest[:16]}",
+        name=f"sd15:{base.digest[:16]}+{control_digest[:16]}",  # = model_name(config)
     )
     return _finish(parts)
 

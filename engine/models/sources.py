@@ -213,3 +213,20 @@ def content_digest(location: Path) -> str:
         if path.suffix in WEIGHT_SUFFIXES or path.suffix in (".json", ".txt"):
             h.update(f"{path.relative_to(location)}:{file_digest(path)}\n".encode())
     return h.hexdigest()
+
+
+def weights_id(value: str, field: str) -> str:
+    """The first 16 hex digits of :func:`content_digest` of the weights ``value`` names (a local
+    file or folder, or a cached hub id), else ``value`` itself (weights not on this machine)."""
+    try:
+        source = classify(value, field)
+    except WeightsNotFoundError:
+        return value
+    if source.kind == "hub":
+        from huggingface_hub import snapshot_download
+
+        try:
+            return content_digest(Path(snapshot_download(value, local_files_only=True)))[:16]
+        except Exception:  # not cached here
+            return value
+    return content_digest(Path(source.location))[:16]
