@@ -62,7 +62,8 @@ class ModelConfig(_Base):
     component without that variant's files loads its plain ones, as diffusers pipelines do.
     None = the plain files (``.safetensors``, else ``.bin``)."""
     sam_checkpoint: str | None = None
-    """sd15: path of an official segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth)."""
+    """sd15: Meta's segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth), or a SAM in the
+    transformers layout (a folder or hub id such as facebook/sam-vit-huge)."""
     sam_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
     """sd15: SAM variant matching ``sam_checkpoint``."""
     clip: str = "openai/clip-vit-large-patch14"

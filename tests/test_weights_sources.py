@@ -550,3 +550,12 @@ def test_model_name_is_the_loaded_components_name(layouts, monkeypatch):
     assert model_name(by_path) == model_name(by_hub)  # the same bytes in a folder and a hub cache
     missing = _model(layouts, base="someone/elsewhere", controlnet="someone/tiny-cn")
     assert model_name(missing).startswith("sd15:someone/elsewhere+")
+
+
+def test_models_check_of_presets_without_files():
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    out = CliRunner().invoke(app, ["models", "check", "--preset", "tiny"])
+    assert out.exit_code == 0 and "model.preset: tiny: random weights built in code" in out.output

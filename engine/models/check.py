@@ -344,8 +344,10 @@ def check_models(config: RenderConfig) -> list[Line]:
         lines.append(Line("model.dtype", True, f"{model.dtype} on {device.type}"))
     except (ConfigError, RuntimeError) as e:
         lines.append(Line("model.dtype", False, str(e)))
-    if model.preset in (*RANDOM_PRESETS, "sd15-random"):
-        lines.append(Line("model.preset", True, f"{model.preset}: random weights built in code"))
+    if model.preset != "sd15":  # the other presets build or ship their own weights
+        random = model.preset in (*RANDOM_PRESETS, "sd15-random")
+        what = "random weights built in code" if random else "its own weights, no files named"
+        lines.append(Line("model.preset", True, f"{model.preset}: {what}"))
         return lines
     context = expected_context(model)
     lines.append(_check_unet(model, "base", 4, context))

@@ -186,7 +186,7 @@ def build_sam_predictor(config: ModelConfig) -> Any:
 def _hf_folder(config: ModelConfig) -> Path | None:
     """The transformers-layout SAM ``model.sam_checkpoint`` names (a folder, or a hub id's
     snapshot), or None for Meta's ``.pth`` files and the random presets."""
-    if config.preset in _SAM_ARCH or config.sam_checkpoint is None:
+    if config.preset != "sd15" or config.sam_checkpoint is None:
         return None
     from engine.models.real import local_source
     from engine.models.sam_hf import is_hf_sam
