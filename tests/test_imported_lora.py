@@ -238,6 +238,13 @@ def test_compiled_steps_refuse_what_they_cannot_run_and_dora_is_refused(parts, k
     with pytest.raises(ValueError, match=r"adapts .*proj_in, which the compiled step lacks"):
         pack_adapters(unet, ["imported"], layout)
     pack_adapters(unet, ["imported"], layout, strict=False)  # the eager step's packing
+    # An attention-only kohya LoRA (q/k/v/out, like a trained adapter) packs for every back-end.
+    attention = tmp_path / "attention.safetensors"
+    save_file(wl.kohya_lora(parts.unet, None, rank=4, alpha=2.0, seed=9), str(attention))
+    plain = copy.deepcopy(parts.unet)
+    load_adapter(plain, import_lora(attention, parts.unet, parts.text_encoder), "attention")
+    lora_a, lora_b, _ = pack_adapters(plain, ["attention"], lora_layout(plain, 4))
+    assert lora_a[1].abs().sum() > 0 and lora_b[1].abs().sum() > 0
     dora = copy.deepcopy(parts.unet)
     config = LoraConfig(r=2, lora_alpha=2, target_modules=["to_q"], use_dora=True)
     inject_adapter_in_model(config, dora, adapter_name="default")
