@@ -255,3 +255,34 @@ def test_compiled_steps_refuse_what_they_cannot_run_and_dora_is_refused(parts, k
     with pytest.raises(WeightsNotFoundError, match="DoRA"):
         import_lora(folder, parts.unet, parts.text_encoder)
     assert loaded_adapters(parts.unet) == []
+
+
+def test_a_lora_by_hub_id_comes_from_the_hub_cache(parts, kohya, tmp_path, monkeypatch):
+    from huggingface_hub import constants as hf_constants
+
+    from engine.appearance.imported import lora_location
+    from engine.config import ModelConfig, load_config
+    from engine.models.check import check_models
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    save_file(kohya, str(repo / "pytorch_lora_weights.safetensors"))
+    wl.write_hub_cache(repo, tmp_path / "hub", "someone/ada-lora")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    folder = lora_location("someone/ada-lora", ModelConfig(offline=True))
+    weights = import_lora(folder, parts.unet, parts.text_encoder)
+    assert weights.metadata["format"] == "kohya/diffusers" and weights.text_encoder is not None
+    with pytest.raises(WeightsNotFoundError, match=r"not in the local hub cache.*set appearance\.lora"):
+        lora_location("someone/elsewhere", ModelConfig(offline=True))
+    config = load_config(
+        None,
+        preset="sd15",
+        overrides=[
+            "alignment.intra_frame=true",
+            "appearance.lora=someone/ada-lora",
+            "model.dtype=float32",
+            "model.device=cpu",
+        ],
+    )
+    line = next(x for x in check_models(config) if x.component == "appearance.lora")
+    assert not line.ok and "another model (context 32)" in line.text  # tiny LoRA vs SD-1.5

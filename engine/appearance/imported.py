@@ -27,6 +27,7 @@ from torch import nn
 
 from engine.appearance.lora import lora_layers, refresh, remove_lora, restore, snapshot
 from engine.appearance.train import AdapterWeights
+from engine.config import ModelConfig
 from engine.models.errors import WeightsNotFoundError
 
 IMPORTING = "appearance_importing"
@@ -102,6 +103,26 @@ def _padded(
         pb[:, : b.shape[1]] = b
         state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = pa, pb
     return state
+
+
+def lora_location(value: str, model: ModelConfig) -> Path:
+    """The local file or folder of ``appearance.lora``: a path, or a hub id's snapshot (the
+    cache, else a download of its ``.safetensors`` and ``.json`` files unless offline)."""
+    from engine.models.real import offline
+    from engine.models.sources import classify, hub_folder
+
+    source = classify(value, "lora", section="appearance")
+    if source.kind != "hub":
+        return Path(source.location)
+    return hub_folder(
+        value,
+        "character LoRA",
+        "lora",
+        offline=offline(model),
+        variant=None,
+        section="appearance",
+        patterns=["*.safetensors", "*.json"],
+    )
 
 
 def import_lora(

@@ -136,13 +136,11 @@ def appearance_stage(
 
 def imported_adapter(chain: FrameChain, config: RenderConfig) -> AdapterPayload:
     """``appearance.lora`` read into :class:`AdapterWeights` (named by its tensors' digest)."""
-    from pathlib import Path
-
-    from engine.appearance.imported import import_lora
+    from engine.appearance.imported import import_lora, lora_location
 
     parts = chain.parts
     weights = import_lora(
-        Path(str(config.appearance.lora)),
+        lora_location(str(config.appearance.lora), config.model),
         parts.unet,
         parts.text_encoder,
         scale=config.appearance.lora_scale,

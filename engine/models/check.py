@@ -287,10 +287,19 @@ def _check_hf_sam(config: ModelConfig) -> Line:
     return Line("model.sam_checkpoint", True, f"transformers SAM {found or width}, {_gb(size)}")
 
 
-def _check_lora(value: str, context: int) -> Line:
+def _check_lora(value: str, context: int, model: ModelConfig) -> Line:
     path = Path(value).expanduser()
     if not path.exists():
-        return Line("appearance.lora", False, f"{path} does not exist; fix the path")
+        from engine.appearance.imported import lora_location
+
+        try:
+            path = lora_location(value, model.model_copy(update={"offline": True}))
+        except WeightsNotFoundError as e:
+            if model.offline or "does not exist" in str(e):
+                return Line("appearance.lora", False, str(e))
+            return Line(
+                "appearance.lora", True, f"hub id {value!r}, not cached: render downloads it"
+            )
     if path.is_dir():
         if (path / "adapter_config.json").is_file() or (
             path / "unet" / "adapter_config.json"
@@ -317,8 +326,11 @@ def _check_lora(value: str, context: int) -> Line:
         return Line(
             "appearance.lora", False, f"{path.name}: no UNet LoRA tensors (kohya or diffusers keys)"
         )
+    downs = ("lora_down.weight", "lora.down.weight", "lora_A.weight")
     cross = [
-        s[1] for k, (s, _) in tensors.shapes.items() if "attn2" in k and "to_k" in k and "down" in k
+        s[1]
+        for k, (s, _) in tensors.shapes.items()
+        if k.endswith(downs) and "attn2" in k and "to_k" in k and len(s) == 2
     ]
     if any(c != context for c in cross):
         return Line(
@@ -357,7 +369,7 @@ def check_models(config: RenderConfig) -> list[Line]:
         if config.background.mask_source == "sam":
             lines.append(_check_sam(model))
     if config.alignment.intra_frame and config.appearance.lora:
-        lines.append(_check_lora(config.appearance.lora, context))
+        lines.append(_check_lora(config.appearance.lora, context, model))
     for field in ("base_config", "controlnet_config", "inpaint_config"):
         value = getattr(model, field)
         if value is not None:

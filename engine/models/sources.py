@@ -51,8 +51,8 @@ def looks_local(value: str) -> bool:
     )
 
 
-def classify(value: str, field: str) -> Source:
-    """The kind of weights ``model.<field>=value`` names (nothing is read).
+def classify(value: str, field: str, *, section: str = "model") -> Source:
+    """The kind of weights ``<section>.<field>=value`` names (nothing is read).
 
     Raises:
         WeightsNotFoundError: a path that does not exist (naming it and the field), or a file
@@ -62,7 +62,7 @@ def classify(value: str, field: str) -> Source:
     if path.is_file():
         if path.suffix not in WEIGHT_SUFFIXES:
             raise WeightsNotFoundError(
-                f"model.{field}={value!r} is a file but not a checkpoint "
+                f"{section}.{field}={value!r} is a file but not a checkpoint "
                 f"({', '.join(WEIGHT_SUFFIXES)}); name the checkpoint file or its folder"
             )
         return Source("file", str(path.resolve()))
@@ -70,7 +70,7 @@ def classify(value: str, field: str) -> Source:
         return Source("folder", str(path.resolve()))
     if looks_local(value) or (path.parent.is_dir() and str(path.parent) not in (".", "")):
         raise WeightsNotFoundError(
-            f"model.{field}={value!r}: {path.resolve()} does not exist (relative paths in a spec "
+            f"{section}.{field}={value!r}: {path.resolve()} does not exist (relative paths in a spec "
             "resolve against the spec's folder); fix the path, or name a hub id owner/name"
         )
     return Source("hub", value)
@@ -124,8 +124,18 @@ def _preferred(group: list[str], variant: str | None) -> list[str]:
     return []
 
 
-def hub_folder(repo: str, what: str, field: str, *, offline: bool, variant: str | None) -> Path:
-    """A local snapshot of hub repo ``repo``: the cache, else a download where reachable.
+def hub_folder(
+    repo: str,
+    what: str,
+    field: str,
+    *,
+    offline: bool,
+    variant: str | None,
+    section: str = "model",
+    patterns: list[str] | None = None,
+) -> Path:
+    """A local snapshot of hub repo ``repo``: the cache, else a download where reachable (of
+    ``patterns``, default :func:`hub_patterns`).
 
     Raises:
         WeightsNotFoundError: at once (no minutes of retries) when the repo is neither cached nor
@@ -135,7 +145,7 @@ def hub_folder(repo: str, what: str, field: str, *, offline: bool, variant: str 
     from huggingface_hub import constants as hf_constants
 
     fix = (
-        f"Fetch it where the hub is reachable (`hf download {repo}`) and set model.{field} to "
+        f"Fetch it where the hub is reachable (`hf download {repo}`) and set {section}.{field} to "
         "that folder (or to a single checkpoint file), or use the random-weight preset 'tiny'."
     )
     try:
@@ -151,7 +161,8 @@ def hub_folder(repo: str, what: str, field: str, *, offline: bool, variant: str 
             f"{what}: {repo!r} is not cached and {hf_constants.ENDPOINT} is unreachable. {fix}"
         )
     try:
-        patterns = hub_patterns(HfApi().list_repo_files(repo), variant)
+        if patterns is None:
+            patterns = hub_patterns(HfApi().list_repo_files(repo), variant)
         return Path(snapshot_download(repo, allow_patterns=patterns))
     except Exception as e:
         raise WeightsNotFoundError(f"{what}: downloading {repo!r} failed ({e}). {fix}") from None
