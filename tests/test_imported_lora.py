@@ -272,7 +272,9 @@ def test_a_lora_by_hub_id_comes_from_the_hub_cache(parts, kohya, tmp_path, monke
     folder = lora_location("someone/ada-lora", ModelConfig(offline=True))
     weights = import_lora(folder, parts.unet, parts.text_encoder)
     assert weights.metadata["format"] == "kohya/diffusers" and weights.text_encoder is not None
-    with pytest.raises(WeightsNotFoundError, match=r"not in the local hub cache.*set appearance\.lora"):
+    with pytest.raises(
+        WeightsNotFoundError, match=r"not in the local hub cache.*set appearance\.lora"
+    ):
         lora_location("someone/elsewhere", ModelConfig(offline=True))
     config = load_config(
         None,

@@ -559,3 +559,19 @@ def test_models_check_of_presets_without_files():
 
     out = CliRunner().invoke(app, ["models", "check", "--preset", "tiny"])
     assert out.exit_code == 0 and "model.preset: tiny: random weights built in code" in out.output
+
+
+def test_a_folder_of_bin_weights_loads(layouts, tmp_path):
+    """Older checkpoints hold pytorch_model.bin / diffusion_pytorch_model.bin: diffusers and
+    transformers load them when no safetensors are there."""
+    folder = tmp_path / "bin"
+    parts = wl.tiny_parts()
+    wl.write_diffusers_folder(parts, folder)
+    for sub in ("unet", "vae"):
+        (folder / sub / "diffusion_pytorch_model.safetensors").unlink()
+        torch.save(getattr(parts, sub).state_dict(), folder / sub / "diffusion_pytorch_model.bin")
+    (folder / "text_encoder" / "model.safetensors").unlink()
+    torch.save(parts.text_encoder.state_dict(), folder / "text_encoder" / "pytorch_model.bin")
+    loaded = build_components(_model(layouts, base=folder, controlnet=layouts["controlnet_folder"]))
+    for name in ("unet", "vae", "text_encoder"):
+        assert _equal(getattr(loaded, name), getattr(parts, name)), name
