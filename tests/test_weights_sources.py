@@ -27,29 +27,7 @@ from tests import weights_layouts as wl
 @pytest.fixture(scope="module")
 def layouts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """The tiny weights in every layout: folders, a hub cache, LDM single files."""
-    root = tmp_path_factory.mktemp("weights")
-    parts = wl.tiny_parts()
-    sd = wl.sd_single_file(parts)
-    control = wl.controlnet_to_ldm(dict(parts.controlnet.state_dict()), parts.controlnet.config)
-    inpaint_folder = wl.write_diffusers_folder(parts, root / "inpaint", inpaint_seed=5)
-    inpaint = UNet2DConditionModel.from_pretrained(str(inpaint_folder / "unet"))
-    return {
-        "folder": wl.write_diffusers_folder(parts, root / "sd"),
-        "controlnet_folder": wl.write_controlnet_folder(parts, root / "cn"),
-        "inpaint_folder": inpaint_folder,
-        "hub": wl.write_hub_cache(root / "sd", root / "hub", "someone/tiny-sd"),
-        "hub_cn": wl.write_hub_cache(root / "cn", root / "hub", "someone/tiny-cn"),
-        "hub_cache": root / "hub",
-        "safetensors": wl.write_single_file(sd, root / "files" / "model.safetensors"),
-        "ckpt": wl.write_single_file(sd, root / "files" / "model.ckpt"),
-        "cn11": wl.write_single_file(control, root / "files" / "control_v11p_openpose.pth"),
-        "cn10": wl.write_single_file({**sd, **control}, root / "files" / "control_openpose.pth"),
-        "hf_sam": wl.write_hf_sam(root / "sam-hf"),
-        "inpaint_file": wl.write_single_file(
-            wl.unet_to_ldm(dict(inpaint.state_dict()), inpaint.config),
-            root / "files" / "inpainting.safetensors",
-        ),
-    }
+    return wl.write_all_layouts(tmp_path_factory.mktemp("weights"))
 
 
 def _equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -358,102 +336,6 @@ def test_batch_manifest_takes_model_keys_in_set_and_names_them_when_a_spec_holds
         load_manifest(manifest)
 
 
-def _check(layouts: dict[str, Path], *sets: str) -> list[str]:
-    from engine.models.check import check_models
-
-    base = [
-        f"model.base={layouts['safetensors']}",
-        f"model.controlnet={layouts['cn11']}",
-        f"model.inpaint={layouts['inpaint_file']}",
-        f"model.base_config={layouts['folder']}",
-        f"model.controlnet_config={layouts['controlnet_folder']}",
-        f"model.inpaint_config={layouts['inpaint_folder']}",
-        "model.device=cpu",
-        "model.dtype=float32",
-        "background.mask_source=pose",
-    ]
-    return [
-        str(line)
-        for line in check_models(load_config(None, preset="sd15", overrides=[*base, *sets]))
-    ]
-
-
-def test_models_check_describes_each_component_without_loading(layouts, tmp_path):
-    lines = _check(layouts)
-    assert all(line.startswith("ok") for line in lines), lines
-    joined = "\n".join(lines)
-    assert "model.base: file model.safetensors: SD (context 32), float32, 4.7 MB" in joined
-    assert "model.inpaint: file inpainting.safetensors: SD (context 32) inpainting" in joined
-    assert "model.controlnet: file control_v11p_openpose.pth: ControlNet (context 32)" in joined
-    folder = _check(
-        layouts,
-        f"model.base={layouts['folder']}",
-        f"model.controlnet={layouts['controlnet_folder']}",
-    )
-    assert all(line.startswith("ok") for line in folder), folder
-    sam = _check(layouts, "background.mask_source=sam", f"model.sam_checkpoint={layouts['hf_sam']}")
-    assert "ok      model.sam_checkpoint: transformers SAM 64," in "\n".join(sam)
-    # The tiny single file against SD-1.5's shipped configs: the architectures differ.
-    shipped = _check(layouts, "model.base_config=null")
-    problems = [line for line in shipped if line.startswith("problem")]
-    assert len(problems) == 3  # base, controlnet and inpaint are all context-32 models
-    assert problems[0] == (
-        "problem model.base: file model.safetensors: UNet context width 32, the model's is 768 "
-        "(SD-1.x 768, SD-2.x 1024); fix: name a checkpoint of the same architecture"
-    )
-
-
-def test_models_check_names_every_problem_with_its_fix(layouts, tmp_path):
-    lora = tmp_path / "other_model_lora.safetensors"
-    from safetensors.torch import save_file
-
-    save_file(
-        {"lora_unet_x_attn2_to_k.lora_down.weight": torch.zeros(4, 1024),
-         "lora_unet_x_attn2_to_k.lora_up.weight": torch.zeros(8, 4)},
-        str(lora),
-    )  # fmt: skip
-    problems = [
-        line
-        for line in _check(
-            layouts,
-            "model.dtype=float16",
-            f"model.inpaint={layouts['safetensors']}",  # a text-to-image UNet
-            f"model.controlnet={layouts['folder']}",  # not a ControlNet
-            "model.base=./weights/missing",
-            "background.mask_source=sam",
-            "alignment.intra_frame=true",
-            f"appearance.lora={lora}",
-        )
-        if line.startswith("problem")
-    ]
-    text = "\n".join(problems)
-    assert len(problems) == 6, text
-    assert "model.dtype: model.dtype=float16 on a CPU" in text and "set model.dtype=float32" in text
-    assert "does not exist" in text  # model.base
-    assert "9 input channels" not in text and "4 input channels, an inpainting UNet has 9" in text
-    assert "no ControlNet weights in it" in text
-    assert "model.sam_checkpoint: not set" in text and "background.mask_source=pose" in text
-    assert "a LoRA of another model (context 1024)" in text
-
-
-def test_models_check_cli_exit_codes(layouts, tmp_path):
-    from typer.testing import CliRunner
-
-    from engine.cli import app
-
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(
-        f"preset: sd15\nmodel:\n  base: {layouts['safetensors']}\n  controlnet: {layouts['cn11']}\n"
-        f"  base_config: {layouts['folder']}\n  controlnet_config: {layouts['controlnet_folder']}\n"
-        "  device: cpu\n  dtype: float32\nalignment:\n  background: false\n"
-    )
-    ok = CliRunner().invoke(app, ["models", "check", str(spec)])
-    assert ok.exit_code == 0, ok.output
-    assert ok.output.count("\n") == 3  # dtype, base, controlnet
-    bad = CliRunner().invoke(app, ["models", "check", str(spec), "--set", "model.dtype=float16"])
-    assert bad.exit_code == 1 and bad.output.startswith("problem model.dtype")
-
-
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("AVATAR_SLOW_TESTS"),
@@ -506,38 +388,6 @@ def test_sd15_single_files_at_the_real_configs_render(tmp_path, two_frames):
     assert result.frames == 2
 
 
-def test_models_check_knows_sdxl_sam_variants_and_uncached_hub_ids(layouts, tmp_path):
-    from engine.models.check import check_models
-
-    sdxl = wl.write_single_file(
-        {
-            "conditioner.embedders.1.model.ln_final.weight": torch.zeros(4),
-            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(4, 4, 3, 3),
-        },
-        tmp_path / "sdxl.safetensors",
-    )
-    sam_b = tmp_path / "sam_vit_b_01ec64.pth"
-    torch.save({"image_encoder.patch_embed.proj.weight": torch.zeros(768, 3, 16, 16)}, sam_b)
-    config = load_config(
-        None,
-        preset="sd15",
-        overrides=[
-            f"model.base={sdxl}",
-            "model.controlnet=someone/not-cached",
-            "model.offline=true",
-            f"model.sam_checkpoint={sam_b}",
-            "model.sam_type=vit_h",
-            "model.dtype=float32",
-            "model.device=cpu",
-        ],
-    )
-    lines = {line.component: line for line in check_models(config)}
-    assert "an SDXL checkpoint" in lines["model.base"].text
-    assert "not in the local hub cache" in lines["model.controlnet"].text
-    assert lines["model.sam_checkpoint"].text.endswith("fix: set model.sam_type=vit_b")
-    assert not any(line.ok for name, line in lines.items() if name != "model.dtype")
-
-
 def test_model_name_is_the_loaded_components_name(layouts, monkeypatch):
     """The fingerprint of a render (model_name) and the components' name agree, by content."""
     from engine.models.registry import model_name
@@ -550,15 +400,6 @@ def test_model_name_is_the_loaded_components_name(layouts, monkeypatch):
     assert model_name(by_path) == model_name(by_hub)  # the same bytes in a folder and a hub cache
     missing = _model(layouts, base="someone/elsewhere", controlnet="someone/tiny-cn")
     assert model_name(missing).startswith("sd15:someone/elsewhere+")
-
-
-def test_models_check_of_presets_without_files():
-    from typer.testing import CliRunner
-
-    from engine.cli import app
-
-    out = CliRunner().invoke(app, ["models", "check", "--preset", "tiny"])
-    assert out.exit_code == 0 and "model.preset: tiny: random weights built in code" in out.output
 
 
 def test_a_folder_of_bin_weights_loads(layouts, tmp_path):

@@ -314,3 +314,32 @@ def write_hf_sam(folder: Path, seed: int = 0) -> Path:
         SamImageProcessor(size=size, pad_size={"height": 256, "width": 256})
     ).save_pretrained(folder)
     return folder
+
+
+def write_all_layouts(root: Path) -> dict[str, Path]:
+    """The tiny weights in every layout under ``root``: folders, a hub cache, LDM single files,
+    a single-file inpainting UNet and a transformers SAM (keys name them)."""
+    from diffusers import UNet2DConditionModel
+
+    parts = tiny_parts()
+    sd = sd_single_file(parts)
+    control = controlnet_to_ldm(dict(parts.controlnet.state_dict()), parts.controlnet.config)
+    inpaint_folder = write_diffusers_folder(parts, root / "inpaint", inpaint_seed=5)
+    inpaint = UNet2DConditionModel.from_pretrained(str(inpaint_folder / "unet"))
+    return {
+        "folder": write_diffusers_folder(parts, root / "sd"),
+        "controlnet_folder": write_controlnet_folder(parts, root / "cn"),
+        "inpaint_folder": inpaint_folder,
+        "hub": write_hub_cache(root / "sd", root / "hub", "someone/tiny-sd"),
+        "hub_cn": write_hub_cache(root / "cn", root / "hub", "someone/tiny-cn"),
+        "hub_cache": root / "hub",
+        "safetensors": write_single_file(sd, root / "files" / "model.safetensors"),
+        "ckpt": write_single_file(sd, root / "files" / "model.ckpt"),
+        "cn11": write_single_file(control, root / "files" / "control_v11p_openpose.pth"),
+        "cn10": write_single_file({**sd, **control}, root / "files" / "control_openpose.pth"),
+        "hf_sam": write_hf_sam(root / "sam-hf"),
+        "inpaint_file": write_single_file(
+            unet_to_ldm(dict(inpaint.state_dict()), inpaint.config),
+            root / "files" / "inpainting.safetensors",
+        ),
+    }

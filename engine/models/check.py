@@ -13,18 +13,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from engine.config import ConfigError, ModelConfig, RenderConfig
 from engine.models.errors import WeightsNotFoundError
-from engine.models.sources import Source, classify
+from engine.models.sources import Source, Tensors, classify, read_tensors
 
 SD1_CONTEXT = 768
 """Text-embedding width of SD-1.x (CLIP ViT-L/14): the cross-attention input of its UNets."""
 _SAM_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 _UNET_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
-_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}
-"""safetensors' dtype names → torch's."""
 
 
 @dataclass
@@ -37,45 +34,6 @@ class Line:
 
     def __str__(self) -> str:
         return f"{'ok     ' if self.ok else 'problem'} {self.component}: {self.text}"
-
-
-@dataclass
-class Tensors:
-    """Names → (shape, dtype) of a checkpoint, read without its data."""
-
-    shapes: dict[str, tuple[tuple[int, ...], str]]
-    size: int
-
-    def shape(self, key: str) -> tuple[int, ...] | None:
-        found = self.shapes.get(key)
-        return None if found is None else found[0]
-
-    def dtypes(self) -> str:
-        return ",".join(sorted({d for _, d in self.shapes.values()})) or "none"
-
-
-def read_tensors(path: Path) -> Tensors:
-    """The tensor names, shapes and dtypes of a weights file (headers only)."""
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        shapes = {}
-        with safe_open(str(path), framework="pt") as f:
-            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
-                piece = f.get_slice(key)
-                dtype = str(piece.get_dtype()).lower()
-                shapes[key] = (tuple(piece.get_shape()), _DTYPES.get(dtype, dtype))
-        return Tensors(shapes, path.stat().st_size)
-    import torch
-
-    state: Any = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    state = state.get("state_dict", state) if isinstance(state, dict) else {}
-    shapes = {
-        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
-        for k, v in state.items()
-        if hasattr(v, "shape")
-    }
-    return Tensors(shapes, path.stat().st_size)
 
 
 def _gb(size: int) -> str:

@@ -11,6 +11,8 @@ blobs by their sha256 file names, other files hashed once and remembered by size
 caches keyed by it notice replaced weights. :func:`shipped_config` is a folder of
 ``configs/models/`` (public config values of SD-1.5, its inpainting UNet, the OpenPose
 ControlNet and CLIP's tokenizer; no weights) that single files are loaded against offline.
+:func:`read_tensors` lists a checkpoint's tensor names, shapes and dtypes from its header (or a
+memory-mapped pickle) without reading the tensors.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from engine.models.errors import WeightsNotFoundError
 
@@ -30,6 +32,8 @@ WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pth", ".pt", ".bin")
 """Suffixes of single-file checkpoints."""
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "f64": "float64"}
+"""safetensors' dtype names → torch's."""
 
 
 @dataclass(frozen=True)
@@ -241,3 +245,42 @@ def weights_id(value: str, field: str) -> str:
         except Exception:  # not cached here
             return value
     return content_digest(Path(source.location))[:16]
+
+
+@dataclass
+class Tensors:
+    """Names → (shape, dtype) of a checkpoint, read without its data."""
+
+    shapes: dict[str, tuple[tuple[int, ...], str]]
+    size: int
+
+    def shape(self, key: str) -> tuple[int, ...] | None:
+        found = self.shapes.get(key)
+        return None if found is None else found[0]
+
+    def dtypes(self) -> str:
+        return ",".join(sorted({d for _, d in self.shapes.values()})) or "none"
+
+
+def read_tensors(path: Path) -> Tensors:
+    """The tensor names, shapes and dtypes of a weights file (headers only)."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        shapes = {}
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118  (safe_open is not a mapping)
+                piece = f.get_slice(key)
+                dtype = str(piece.get_dtype()).lower()
+                shapes[key] = (tuple(piece.get_shape()), _DTYPES.get(dtype, dtype))
+        return Tensors(shapes, path.stat().st_size)
+    import torch
+
+    state: Any = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    state = state.get("state_dict", state) if isinstance(state, dict) else {}
+    shapes = {
+        k: (tuple(v.shape), str(v.dtype).removeprefix("torch."))
+        for k, v in state.items()
+        if hasattr(v, "shape")
+    }
+    return Tensors(shapes, path.stat().st_size)
