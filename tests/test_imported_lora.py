@@ -214,10 +214,20 @@ def test_render_with_an_imported_lora(kohya, tmp_path, dance_json):
         "height=64",
         "sampler.steps=2",
     )
-    result = render(config, tmp_path / "out", progress=False)
+    out = tmp_path / "out"
+    result = render(config, out, progress=False)
     manifest = json.loads(result.manifest.read_text())
     assert "imported" in json.dumps(manifest)
-    assert Path(tmp_path / "out" / "adapter" / "adapter.safetensors").is_file()
+    assert Path(out / "adapter" / "adapter.safetensors").is_file()
+    # Resume after the last frame is lost: the persisted adapter is reused, the frame is equal.
+    from engine.video import load_png
+
+    last = result.frames - 1
+    before = load_png(out / "frames" / f"{last:06d}.png")
+    (out / "latents" / f"{last:06d}.safetensors").unlink()
+    again = render(config, out, resume=True, progress=False)
+    assert again.resumed_from == last
+    assert (load_png(out / "frames" / f"{last:06d}.png") == before).all()
     _ = kohya
 
 
