@@ -225,7 +225,7 @@ class AppearanceConfig(_Base):
     identifier: str = "sks"
     """Rare identifier token that names the character in prompts."""
     lora: str | None = None
-    """Bring your own character: a LoRA file or folder (kohya ``.safetensors``, diffusers
+    """Bring your own character: a LoRA file, folder or hub id (kohya ``.safetensors``, diffusers
     ``pytorch_lora_weights.safetensors``, or a peft folder with ``adapter_config.json``; UNet and
     text-encoder parts) used instead of training one (with ``alignment.intra_frame``). Its
     trigger word belongs in the prompt. Relative paths resolve against the spec's folder."""
