@@ -40,6 +40,7 @@ from engine.config import (
     build_config,
     deep_merge,
     load_config,
+    resolve_weight_paths,
 )
 from engine.core.store import check_id
 from engine.files import atomic_json
@@ -71,6 +72,7 @@ def load_manifest(path: Path) -> tuple[RenderConfig, list[tuple[RenderEntry, Ren
         manifest = BatchManifest.model_validate(raw)
     except (OSError, yaml.YAMLError, ValueError) as e:
         raise ConfigError(f"batch manifest {path}: {e}") from None
+    manifest.set = resolved_sets(manifest.set, path.parent)
     engine = load_config(None, preset=manifest.preset, overrides=manifest.set)
     renders = []
     seen: set[str] = set()
@@ -81,11 +83,35 @@ def load_manifest(path: Path) -> tuple[RenderConfig, list[tuple[RenderEntry, Ren
         seen.add(entry.id)
         config = _render_config(path.parent, manifest, entry)
         if config.model != engine.model:
-            raise ConfigError(
-                f"render {entry.id!r}: its model settings differ from the batch's; set them once at the top"
-            )
+            raise ConfigError(_model_differs(entry.id, config, engine))
         renders.append((entry, config))
     return engine, renders
+
+
+def resolved_sets(sets: list[str], root: Path) -> list[str]:
+    """The manifest's ``set:`` lines with relative weight paths (``model.base=weights/sd15``)
+    made absolute against the manifest's folder, as a spec's are against the spec's."""
+    out = []
+    for item in sets:
+        key, sep, value = item.partition("=")
+        section, _, name = key.strip().partition(".")
+        data: dict[str, Any] = {section: {name: value.strip()}}
+        resolve_weight_paths(data, root)
+        out.append(f"{key}={data[section][name]}" if sep and name else item)
+    return out
+
+
+def _model_differs(render_id: str, config: RenderConfig, engine: RenderConfig) -> str:
+    """The keys where a render's model differs from the batch's, and the manifest lines that
+    set them for the whole batch (one model serves every render of a batch)."""
+    mine, batch = config.model.model_dump(mode="json"), engine.model.model_dump(mode="json")
+    keys = [k for k in mine if mine[k] != batch[k]]
+    lines = ", ".join(f"'model.{k}={mine[k]}'" for k in keys)
+    return (
+        f"render {render_id!r} sets {', '.join(f'model.{k}' for k in keys)} differently from the "
+        f"batch (one model serves every render of a batch): put them in the manifest's top-level "
+        f"set: [{lines}] and remove them from the render's spec"
+    )
 
 
 def _render_config(root: Path, manifest: BatchManifest, entry: RenderEntry) -> RenderConfig:
@@ -93,6 +119,7 @@ def _render_config(root: Path, manifest: BatchManifest, entry: RenderEntry) -> R
     for key in ("poses", "plate", "masks"):
         if isinstance(inline.get(key), str) and not Path(inline[key]).is_absolute():
             inline[key] = str((root / inline[key]).resolve())
+    resolve_weight_paths(inline, root)
     base = load_config(
         root / entry.spec if entry.spec else None, preset=manifest.preset, overrides=manifest.set
     )

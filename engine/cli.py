@@ -18,6 +18,8 @@ app = typer.Typer(
 )
 poses_app = typer.Typer(help="Pose sequences: convert between formats.", no_args_is_help=True)
 app.add_typer(poses_app, name="poses")
+models_app = typer.Typer(help="Model weights: check what a spec names.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 
 def _fail(message: str) -> None:
@@ -215,6 +217,34 @@ def poses_convert(
         )
     if preview is not None:
         typer.echo(f"preview: {preview}")
+
+
+@models_app.command("check")
+def models_check(
+    spec: Annotated[
+        Path | None, typer.Argument(help="Render spec YAML (default: the preset).")
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Preset from configs/ (default: the spec's, else tiny).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Override, e.g. --set model.base=model.safetensors."),
+    ] = None,
+) -> None:
+    """Say per component what the spec's weights are (kind, architecture, dtype, size) without
+    loading them; one line per problem with the fix. Exit 1 when there is a problem."""
+    from engine.models.check import check_models
+
+    try:
+        lines = check_models(load_config(spec, preset=preset, overrides=set_ or []))
+    except _user_errors() as e:
+        _fail(str(e))
+        return
+    for line in lines:
+        typer.secho(str(line), fg=None if line.ok else typer.colors.RED)
+    if not all(line.ok for line in lines):
+        raise typer.Exit(code=1)
 
 
 @app.command()

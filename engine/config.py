@@ -39,13 +39,31 @@ class ModelConfig(_Base):
     """Model builder from the registry: random-weight ``tiny``/``small``, real ``sd15``, or
     ``sd15-random`` (SD-1.5's architectures with random weights: real-size speed anywhere)."""
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    """sd15: hub id or local directory of an SD-1.x checkpoint in diffusers layout."""
+    """sd15: an SD-1.x checkpoint: hub id, diffusers folder, or one file in the original layout
+    (``.safetensors`` / ``.ckpt``, e.g. a community fine-tune). Relative paths in a spec resolve
+    against the spec's folder."""
+    base_config: str | None = None
+    """sd15: folder (or hub id) with the diffusers configs a single-file ``base`` is loaded
+    against (``unet/``, ``vae/``, ``text_encoder/``, ``scheduler/``, optional ``tokenizer/``);
+    None = SD-1.5's configs shipped in ``configs/models/sd15``."""
     controlnet: str = "lllyasviel/sd-controlnet-openpose"
-    """sd15: hub id or local directory of the OpenPose ControlNet."""
+    """sd15: the OpenPose ControlNet: hub id, folder, or one file (v1.0 ``control_sd15_*.pth``,
+    v1.1 ``control_v11p_sd15_openpose.pth`` / ``.safetensors``)."""
+    controlnet_config: str | None = None
+    """sd15: folder (or hub id) with the ``config.json`` a single-file ``controlnet`` is loaded
+    against; None = ``configs/models/sd15-controlnet-openpose``."""
     inpaint: str = "stable-diffusion-v1-5/stable-diffusion-inpainting"
-    """sd15: hub id or local directory of an SD inpainting checkpoint (background plate)."""
+    """sd15: SD inpainting checkpoint (background plate): hub id, folder, or one file."""
+    inpaint_config: str | None = None
+    """sd15: folder (or hub id) with ``unet/config.json`` for a single-file ``inpaint``;
+    None = ``configs/models/sd15-inpainting``."""
+    variant: str | None = None
+    """sd15: weights variant of hub ids and folders (``fp16`` loads ``*.fp16.safetensors``); a
+    component without that variant's files loads its plain ones, as diffusers pipelines do.
+    None = the plain files (``.safetensors``, else ``.bin``)."""
     sam_checkpoint: str | None = None
-    """sd15: path of an official segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth)."""
+    """sd15: Meta's segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth), or a SAM in the
+    transformers layout (a folder or hub id such as facebook/sam-vit-huge)."""
     sam_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
     """sd15: SAM variant matching ``sam_checkpoint``."""
     clip: str = "openai/clip-vit-large-patch14"
@@ -53,7 +71,9 @@ class ModelConfig(_Base):
     offline: bool = False
     """sd15: never touch the network, load only local directories or the hub cache."""
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    """Weights and activations dtype; float16/bfloat16 need a GPU."""
+    """Weights and activations dtype. ``float16`` needs a CUDA device (on a CPU it is refused
+    when the models are built: it runs 9-44x slower there); ``bfloat16`` needs a device that
+    supports it (CPUs do, CUDA from compute capability 8.0)."""
     device: str = "auto"
     """``auto`` (cuda if available, else cpu), ``cpu``, ``cuda`` or ``cuda:N``."""
     seed: int = Field(default=0, ge=0)
@@ -204,6 +224,13 @@ class AppearanceConfig(_Base):
     """Weight of the prior-preservation loss."""
     identifier: str = "sks"
     """Rare identifier token that names the character in prompts."""
+    lora: str | None = None
+    """Bring your own character: a LoRA file, folder or hub id (kohya ``.safetensors``, diffusers
+    ``pytorch_lora_weights.safetensors``, or a peft folder with ``adapter_config.json``; UNet and
+    text-encoder parts) used instead of training one (with ``alignment.intra_frame``). Its
+    trigger word belongs in the prompt. Relative paths resolve against the spec's folder."""
+    lora_scale: float = Field(default=1.0, ge=0.0, le=4.0)
+    """Strength of ``lora`` (multiplies its alpha / rank scaling)."""
 
 
 class BackgroundConfig(_Base):
@@ -308,6 +335,11 @@ class RenderConfig(_Base):
             raise ValueError(
                 f"model.dtype={self.model.dtype!r} with model.preset={self.model.preset!r}: "
                 "the tiny, small and micro presets run in float32; use model.dtype=float32"
+            )
+        if self.appearance.lora and not self.alignment.intra_frame:
+            raise ValueError(
+                f"appearance.lora={self.appearance.lora!r} drives the appearance only with "
+                "alignment.intra_frame=true; set it (or drop appearance.lora)"
             )
         if self.sampler.deep_cache > 1 and self.model.backend != "eager":
             raise ValueError(
@@ -424,6 +456,43 @@ def build_config(data: dict[str, Any], source: str = "config") -> RenderConfig:
         raise ConfigError(_format_validation_error(e, source)) from None
 
 
+WEIGHT_KEYS = {
+    "model": (
+        "base",
+        "base_config",
+        "controlnet",
+        "controlnet_config",
+        "inpaint",
+        "inpaint_config",
+        "sam_checkpoint",
+        "clip",
+    ),
+    "appearance": ("lora",),
+}
+"""Spec keys that name weights: local paths among them resolve against the spec's folder."""
+
+
+def resolve_weight_paths(data: dict[str, Any], folder: Path) -> None:
+    """Make the relative local paths of :data:`WEIGHT_KEYS` in ``data`` absolute (in place),
+    relative to ``folder``. A value is local when it is written as a path (``./``, ``../``, a
+    weights suffix, not ``owner/name``), or when it or its first component exists in ``folder``
+    (``weights/sd15`` next to the spec); other values stay hub ids."""
+    from engine.models.sources import looks_local
+
+    for section, keys in WEIGHT_KEYS.items():
+        node = data.get(section)
+        if not isinstance(node, dict):
+            continue
+        for key in keys:
+            value = node.get(key)
+            if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+                continue
+            first = Path(value).parts[0]
+            local = looks_local(value) or (folder / value).exists() or (folder / first).is_dir()
+            if local and not value.startswith("~"):
+                node[key] = str((folder / value).resolve())
+
+
 def load_config(
     spec: str | Path | None = None,
     *,
@@ -434,7 +503,8 @@ def load_config(
 
     Args:
         spec: Path of a render spec YAML (or None for the preset alone). Relative paths inside it
-            (poses, plate, masks) resolve against the spec's folder. A spec may name its preset
+            (poses, plate, masks, and model weights: :func:`resolve_weight_paths`) resolve
+            against the spec's folder. A spec may name its preset
             with a top-level ``preset:`` key; the ``preset`` argument wins over it.
         preset: Preset name from ``configs/`` (default: the spec's, else ``tiny``).
         overrides: Dotted overrides such as ``sampler.steps=4`` or ``alignment.inter_frame=none``.
@@ -453,6 +523,7 @@ def load_config(
             value = spec_data.get(key)
             if isinstance(value, str) and value and not Path(value).is_absolute():
                 spec_data[key] = str((spec_path.parent / value).resolve())
+        resolve_weight_paths(spec_data, spec_path.parent)
     name = preset or spec_data.pop("preset", None) or "tiny"
     spec_data.pop("preset", None)
     data = deep_merge(preset_dict(str(name)), spec_data)

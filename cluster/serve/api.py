@@ -71,6 +71,9 @@ class RenderRequest(_Strict):
     """Denoising steps per frame (default: the preset's; limit ``limits.max_steps``)."""
     guidance: float | None = Field(default=None, ge=1.0, le=50.0)
     alignment: Alignment = Field(default_factory=Alignment)
+    character: str | None = Field(default=None, max_length=32)
+    """A character LoRA from the server's allow-list (GET /v1/info ``characters``) that drives
+    the appearance instead of a trained one (turns on ``alignment.intra_frame``)."""
     preset: str | None = Field(default=None, max_length=64)
     """Defaults from one of the presets the server allows (GET /v1/info)."""
     metrics: bool = False
@@ -134,6 +137,8 @@ class Health(BaseModel):
 
 class ServiceInfo(BaseModel):
     presets: list[str]
+    characters: list[str] = Field(default_factory=list)
+    """Character LoRAs a request may name (``character``)."""
     examples: list[str]
     limits: dict[str, int]
 

@@ -91,6 +91,9 @@ class ServeArgs(_Base):
     model, so a request can never choose a model."""
     set: list[str] = Field(default_factory=list)
     """Overrides of the engine settings, e.g. ``cluster.max_queued=200``."""
+    characters: dict[str, str] = Field(default_factory=dict)
+    """Character LoRAs a request may name (``character``): name → a LoRA file or folder on the
+    server (``appearance.lora``). The only way a request reaches a LoRA: it never names a path."""
     executor: Literal["ray", "inprocess"] = "ray"
     """``ray``: resident model actors (RayExecutor); ``inprocess``: models in the engine replica."""
     paused: bool = False
@@ -114,6 +117,14 @@ class ServeArgs(_Base):
     """How often an event stream looks for new progress events."""
     stream_max_s: float = Field(default=3600.0, gt=0.0, le=86_400.0)
     """An event stream ends after this long (clients reconnect with Last-Event-ID)."""
+
+    @field_validator("characters")
+    @classmethod
+    def _check_characters(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"character {name!r}: use 1-32 characters of A-Z, a-z, 0-9, _, -")
+        return value
 
     @property
     def root(self) -> Path:

@@ -233,6 +233,15 @@ class RenderService:
                 fields[key] = getattr(req, key)
         sampler = {"steps": req.steps, "guidance": req.guidance}
         fields["sampler"] = {k: v for k, v in sampler.items() if v is not None}
+        if req.character is not None:
+            if req.character not in self.args.characters:
+                raise ApiError(
+                    422, "unknown_character",
+                    f"character {req.character!r} is not served here; choose one of "
+                    f"{sorted(self.args.characters)}", "body.character",
+                )  # fmt: skip
+            fields["alignment"]["intra_frame"] = True
+            fields["appearance"] = {"lora": self.args.characters[req.character]}
         try:
             config = build_config(deep_merge(data, fields), "request")
         except ConfigError as e:
@@ -347,6 +356,7 @@ class RenderService:
         lim = self.args.limits
         return {
             "presets": list(self.args.presets),
+            "characters": sorted(self.args.characters),
             "examples": sorted(EXAMPLES),
             "limits": {k: int(v) for k, v in lim.model_dump().items()},
         }

@@ -92,13 +92,14 @@ def adapter_rank(unet: nn.Module, names: Sequence[str]) -> int:
 
 
 def pack_adapters(
-    unet: nn.Module, names: Sequence[str | None], layout: LoraLayout
+    unet: nn.Module, names: Sequence[str | None], layout: LoraLayout, *, strict: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The runtime LoRA inputs of a batch whose row i uses adapter ``names[i]`` (None = base).
 
     Returns ``lora_a`` (N, Ta), ``lora_b`` (N, Tb) in the UNet's dtype and ``lora_index`` (B,)
     int64, N = 1 + distinct adapters (slot 0 = zeros). Raises ValueError when an adapter is not
-    loaded, has a rank above ``layout.rank``, or adapts a projection outside the layout.
+    loaded, has a rank above ``layout.rank``, or (``strict``, the compiled steps) adapts a module
+    outside the layout; the eager step packs the layout's slots and runs the rest through peft.
     """
     wanted = sorted({n for n in names if n is not None})
     modules = dict(unet.named_modules())
@@ -108,7 +109,7 @@ def pack_adapters(
     slot_names = {s.name for s in layout.slots}
     for name, module in modules.items():
         stray = [n for n in wanted if n in getattr(module, "lora_A", {})]
-        if stray and name not in slot_names:
+        if strict and stray and name not in slot_names:
             raise ValueError(f"adapter {stray[0]!r} adapts {name}, which the compiled step lacks")
     for k, adapter in enumerate(wanted, start=1):
         found = False

@@ -86,8 +86,11 @@ class LoraPacks:
     the per-row ``lora_index`` is built per call.
     """
 
-    def __init__(self, unet: torch.nn.Module):
+    def __init__(self, unet: torch.nn.Module, *, strict: bool = True):
         self.unet = unet
+        self.strict = strict
+        """Refuse adapters of modules outside the layout (compiled steps; the eager step runs
+        those through peft)."""
         self.key: tuple | None = None
         """(adapters, rank, adapter generation) of the cached pack."""
         self._pack: tuple[torch.Tensor, torch.Tensor, list[str]] | None = None
@@ -110,7 +113,8 @@ class LoraPacks:
         rows ``names`` (None = base)."""
         key = (tuple(wanted), rank, lora_generation(self.unet))
         if key != self.key or self._pack is None:
-            lora_a, lora_b, _ = pack_adapters(self.unet, wanted, self.layout(rank))
+            layout = self.layout(rank)
+            lora_a, lora_b, _ = pack_adapters(self.unet, wanted, layout, strict=self.strict)
             self.key, self._pack = key, (lora_a, lora_b, wanted)
         lora_a, lora_b, order = self._pack
         index = [0 if n is None else 1 + order.index(n) for n in names]
@@ -230,7 +234,7 @@ class EagerStep:
 
     def __init__(self, parts: DiffusionComponents, context: CrossFrameContext):
         self.parts, self.context = parts, context
-        self._packs = LoraPacks(parts.unet)
+        self._packs = LoraPacks(parts.unet, strict=False)
         self._loras: dict[int, EagerLora] = {}  # by rank (0: the base alone)
         self._unarmed_at: tuple[int, bool] = (-1, True)
         self._deep_checked = False
@@ -240,9 +244,13 @@ class EagerStep:
         ctx.ref_index = inputs.ref_index
         ctx.include_self = inputs.include_self
         lora = self._arm(inputs.adapters)
-        # Armed projections bypass peft; any other peft layer must run the base model. Entering
-        # peft's context costs ≈1 % of a tiny step, so it is skipped when nothing is left to it.
-        rest = per_row_adapters(self.parts.unet, [None]) if self._unarmed() else nullcontext()
+        # Armed projections bypass peft; any other peft layer (an imported LoRA's feed-forward or
+        # proj_in, appearance.lora) applies each row's adapter through peft's per-row path.
+        # Entering peft's context costs ≈1 % of a tiny step, so it is skipped when nothing is
+        # left to it.
+        rest = (
+            per_row_adapters(self.parts.unet, inputs.adapters) if self._unarmed() else nullcontext()
+        )
         deep = inputs.deep
         keep = None
         if deep is not None and not self._deep_checked:

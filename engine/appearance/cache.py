@@ -48,7 +48,8 @@ def adapter_key(
         "recipe": RECIPE_VERSION,
         "model": model_name,
         "refined": refined.model_dump(mode="json", exclude={"source"}),
-        "appearance": config.model_dump(mode="json"),
+        # lora / lora_scale import an adapter instead of training one: not part of a trained key
+        "appearance": config.model_dump(mode="json", exclude={"lora", "lora_scale"}),
         "negative": refined.negative if negative is None else negative,
         "sampler": (sampler or SamplerConfig()).model_dump(mode="json"),
     }

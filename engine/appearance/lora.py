@@ -58,6 +58,12 @@ def _forget_layers(module: nn.Module) -> None:
     module.__dict__[_GENERATION] = lora_generation(module) + 1
 
 
+def refresh(module: nn.Module) -> None:
+    """Forget ``module``'s cached LoRA layers after another library injected or removed some
+    (diffusers' ``load_lora_into_unet``, peft's ``inject_adapter_in_model``)."""
+    _forget_layers(module)
+
+
 _GENERATION = "_avatar_lora_generation"
 
 

@@ -115,7 +115,10 @@ def refine_stage(config: RenderConfig) -> dict[str, Any]:
 def appearance_stage(
     chain: FrameChain, config: RenderConfig, refined: dict[str, Any]
 ) -> AdapterPayload:
-    """Get (train once, then cache) the character's appearance LoRA."""
+    """Get (train once, then cache) the character's appearance LoRA, or import
+    ``appearance.lora`` (brought from elsewhere: no training)."""
+    if config.appearance.lora:
+        return imported_adapter(chain, config)
     from engine.appearance import get_or_train_adapter
     from engine.method import cache_root
     from engine.refine import RefinedPrompt
@@ -129,6 +132,24 @@ def appearance_stage(
     )
     record = {"name": adapter.name, "path": str(adapter.path), "trained": adapter.trained}
     return AdapterPayload(adapter.name, adapter.weights, adapter.weights.digest(), record)
+
+
+def imported_adapter(chain: FrameChain, config: RenderConfig) -> AdapterPayload:
+    """``appearance.lora`` read into :class:`AdapterWeights` (named by its tensors' digest)."""
+    from engine.appearance.imported import import_lora, lora_location
+
+    parts = chain.parts
+    weights = import_lora(
+        lora_location(str(config.appearance.lora), config.model),
+        parts.unet,
+        parts.text_encoder,
+        scale=config.appearance.lora_scale,
+    )
+    digest = weights.digest()
+    name = f"lora_{digest[:12]}"
+    weights.metadata.update(name=name, base_model=parts.name)
+    record = {"name": name, "path": str(config.appearance.lora), "imported": True}
+    return AdapterPayload(name, weights, digest, record)
 
 
 def background_stage(

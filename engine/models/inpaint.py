@@ -2,9 +2,9 @@
 
 ``tiny``/``small``: a seeded random ``UNet2DConditionModel`` with ``in_channels=9`` (4 noisy
 latent + 1 mask + 4 masked-image latent channels, as SD inpainting) and otherwise the
-architecture of the registry's random UNet of the same preset. ``sd15``: the ``unet`` folder of
-``model.inpaint`` (hub id or local directory), loaded fail-fast through
-:func:`engine.models.registry.local_weights`.
+architecture of the registry's random UNet of the same preset. ``sd15``: the inpainting UNet of
+``model.inpaint`` (hub id, diffusers folder or single file), loaded fail-fast through
+:func:`engine.models.real.load_inpaint`.
 
 :func:`build_inpaint_pipeline` wraps that UNet in a :class:`StableDiffusionInpaintPipeline` whose
 VAE, text encoder and tokenizer are the very objects of :class:`DiffusionComponents` (no second
@@ -13,7 +13,6 @@ copy in memory; SD-1.5 inpainting uses SD-1.5's VAE and text encoder).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -24,8 +23,6 @@ from engine.models.registry import (
     RANDOM_PRESETS,
     DiffusionComponents,
     WeightsNotFoundError,
-    load_pretrained,
-    local_weights,
     random_unet_kwargs,
 )
 
@@ -57,10 +54,6 @@ def random_inpaint_unet(
         return UNet2DConditionModel(**kwargs)
 
 
-def _offline(config: ModelConfig) -> bool:
-    return config.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-
-
 def load_inpaint_unet(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
     """The ``unet`` of the SD inpainting checkpoint ``config.inpaint`` in ``dtype``.
 
@@ -68,10 +61,9 @@ def load_inpaint_unet(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditio
         WeightsNotFoundError: at once, when the checkpoint is neither local nor reachable (names
             it and the ``model.inpaint`` field to change), or its UNet is not 9-channel.
     """
-    folder = local_weights(config.inpaint, "SD inpainting checkpoint", "inpaint", _offline(config))
-    unet = load_pretrained(
-        UNet2DConditionModel.from_pretrained, folder / "unet", "inpainting UNet", torch_dtype=dtype
-    )
+    from engine.models.real import load_inpaint
+
+    unet = load_inpaint(config, dtype)
     if unet.config.in_channels != INPAINT_IN_CHANNELS:
         raise WeightsNotFoundError(
             f"model.inpaint={config.inpaint!r}: its UNet has {unet.config.in_channels} input "

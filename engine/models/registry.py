@@ -3,26 +3,23 @@
 ``tiny`` and ``small`` are randomly initialised, architecturally faithful Stable Diffusion
 components (CLIP text encoder, UNet2DConditionModel with cross-attention, OpenPose-style
 ControlNet, 8× AutoencoderKL, DDIM scheduler with SD's beta schedule), seeded, built from configs
-in code with no network. ``sd15`` loads the same classes from a hub id or a local directory.
+in code with no network. ``sd15`` loads the same classes from a hub id, a diffusers folder or a
+single checkpoint file (:mod:`engine.models.real`).
 """
 
 from __future__ import annotations
 
 import os
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from huggingface_hub import constants as hf_constants
-from huggingface_hub import snapshot_download
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from engine.config import ModelConfig
+from engine.config import ConfigError, ModelConfig
+from engine.models.errors import WeightsNotFoundError
 from engine.models.tokenizer import build_offline_tokenizer
 
 # Stable Diffusion 1.x noise schedule (scheduler_config.json of the SD-1.5 checkpoint).
@@ -36,10 +33,6 @@ SD_SCHEDULER = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
-
-
-class WeightsNotFoundError(RuntimeError):
-    """Real weights could not be found locally or fetched; the message names them and the fix."""
 
 
 @dataclass
@@ -88,10 +81,18 @@ _ARCH: dict[str, dict[str, Any]] = {
 }
 
 
+__all__ = ["WeightsNotFoundError"]
+
+
 def model_name(config: ModelConfig) -> str:
-    """Provenance id of the components ``config`` builds (manifests, cache keys, fingerprints)."""
+    """Provenance id of the components ``config`` builds (manifests, fingerprints); for real
+    weights the loaded components' ``name`` carries content digests instead of paths."""
     if config.preset == "sd15":
-        return f"sd15:{config.base}+{config.controlnet}"
+        from engine.models.sources import weights_id
+
+        return (
+            f"sd15:{weights_id(config.base, 'base')}+{weights_id(config.controlnet, 'controlnet')}"
+        )
     if config.preset == "micro":
         from engine.micro.arch import weights_digest
 
@@ -111,6 +112,27 @@ def resolve_device(spec: str) -> torch.device:
             f"model.device={spec!r} but no CUDA device is available; use model.device=cpu"
         )
     return device
+
+
+def check_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
+    """``model.dtype`` as a torch dtype, refused where the device cannot run it well.
+
+    Raises:
+        ConfigError: float16 on a CPU (measured 9-44x slower than float32 there, issue 17), or
+            bfloat16 on a CUDA device without bf16 support; the message gives the setting to use.
+    """
+    if config.dtype == "float16" and device.type == "cpu":
+        raise ConfigError(
+            "model.dtype=float16 on a CPU runs 9-44x slower than float32 (no float16 kernels): "
+            "set model.dtype=float32 (e.g. --set model.dtype=float32), or model.device=cuda"
+        )
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if config.dtype == "bfloat16" and device.type == "cuda" and not cuda_bf16:
+        raise ConfigError(
+            f"model.dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 "
+            "support; set model.dtype=float16"
+        )
+    return getattr(torch, config.dtype)
 
 
 def _activate_controlnet(controlnet: ControlNetModel, generator: torch.Generator) -> None:
@@ -210,6 +232,7 @@ def build_sd15_random(config: ModelConfig) -> DiffusionComponents:
 
     Speed does not depend on weight values: this measures the real model's cost anywhere.
     """
+    dtype = check_dtype(config, resolve_device(config.device))  # before building 1 GB of weights
     torch.manual_seed(config.seed)
     tokenizer = build_offline_tokenizer()
     text_encoder = _random_text_encoder(tokenizer, SD15_TEXT)
@@ -217,9 +240,8 @@ def build_sd15_random(config: ModelConfig) -> DiffusionComponents:
     controlnet = ControlNetModel(cross_attention_dim=768)
     _activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
     vae = AutoencoderKL(**SD15_VAE)
-    dtype = getattr(torch, config.dtype)
     for module in (unet, controlnet, vae, text_encoder) if dtype != torch.float32 else ():
-        module.to(dtype)
+        module.to(dtype)  # type: ignore[arg-type]  # transformers wraps .to; a dtype works
     return _random_parts(config, unet, controlnet, vae, text_encoder, tokenizer, dtype)
 
 
@@ -273,93 +295,25 @@ def _finish(parts: DiffusionComponents) -> DiffusionComponents:
     return parts
 
 
-# What a checkpoint download fetches: configs, tokenizer files and safetensors weights only.
-_IGNORE = ["*.ckpt", "*.bin", "*.pt", "*.pth", "*fp16*", "*non_ema*", "*.msgpack", "*.onnx", "*.h5"]
-_IGNORE += ["safety_checker/*", "feature_extractor/*"]
-
-
-def _hub_reachable(timeout_s: float = 3.0) -> bool:
-    """One quick TCP connect to the hub endpoint (huggingface_hub otherwise retries for minutes)."""
-    host = urlparse(hf_constants.ENDPOINT).hostname or "huggingface.co"
-    try:
-        socket.create_connection((host, 443), timeout=timeout_s).close()
-    except OSError:
-        return False
-    return True
-
-
-def local_weights(repo: str, what: str, field: str, offline: bool) -> Path:
-    """A local directory holding ``repo``: itself, the hub cache, or a fresh download.
-
-    Raises :class:`WeightsNotFoundError` at once (no minutes of retries) when the weights are
-    neither local nor reachable, naming the weights and the config field to change.
-    """
-    local = Path(repo).expanduser()
-    if local.is_dir():
-        return local
-    fix = (
-        f"Fetch them where the hub is reachable (`hf download {repo}`) and set model.{field} to "
-        "that directory, or use the random-weight preset 'tiny' for a dry run."
-    )
-    if repo.startswith((".", "/", "~")) or repo.count("/") != 1:
-        raise WeightsNotFoundError(
-            f"{what}: {repo!r} is neither an existing directory nor a hub id (owner/name). {fix}"
-        )
-    try:
-        return Path(snapshot_download(repo, local_files_only=True, ignore_patterns=_IGNORE))
-    except Exception:  # not cached; huggingface_hub raises several types here
-        pass
-    if offline:
-        raise WeightsNotFoundError(
-            f"{what}: {repo!r} is not in the local hub cache (offline). {fix}"
-        )
-    if not _hub_reachable():
-        raise WeightsNotFoundError(
-            f"{what}: {repo!r} is not cached and {hf_constants.ENDPOINT} is unreachable. {fix}"
-        )
-    try:
-        return Path(snapshot_download(repo, ignore_patterns=_IGNORE))
-    except Exception as e:
-        raise WeightsNotFoundError(f"{what}: downloading {repo!r} failed ({e}). {fix}") from None
-
-
-def load_pretrained(loader: Callable[..., Any], folder: Path, what: str, **kw: Any) -> Any:
-    """``loader(folder)`` from local files only; any failure → :class:`WeightsNotFoundError`."""
-    try:
-        return loader(str(folder), local_files_only=True, **kw)
-    except (OSError, ValueError) as e:
-        raise WeightsNotFoundError(
-            f"{what}: {folder} does not hold loadable weights ({str(e).splitlines()[0][:300]})"
-        ) from None
-
-
 def load_sd15(config: ModelConfig) -> DiffusionComponents:
-    """Real SD-1.x + OpenPose ControlNet weights from hub ids or local directories."""
+    """Real SD-1.x + OpenPose ControlNet weights from hub ids, folders or single files
+    (:mod:`engine.models.real`). The components' name carries the weights' content digests."""
+    from engine.models.real import load_base, load_controlnet
+
     device = resolve_device(config.device)
-    dtype = getattr(torch, config.dtype)
-    offline = config.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
-    base = local_weights(config.base, "SD-1.x checkpoint", "base", offline)
-    control = local_weights(config.controlnet, "OpenPose ControlNet", "controlnet", offline)
-    weights = {"torch_dtype": dtype}
-    tokenizer = load_pretrained(CLIPTokenizer.from_pretrained, base / "tokenizer", "tokenizer")
-    if len(tokenizer) < 1000:  # transformers builds an empty tokenizer from a folder without vocab
-        raise WeightsNotFoundError(f"tokenizer: {base / 'tokenizer'} holds no CLIP vocabulary")
+    dtype = check_dtype(config, device)
+    base = load_base(config, dtype)
+    controlnet, control_digest = load_controlnet(config, dtype)
     parts = DiffusionComponents(
-        tokenizer=tokenizer,
-        text_encoder=load_pretrained(
-            CLIPTextModel.from_pretrained, base / "text_encoder", "text encoder", **weights
-        ),
-        unet=load_pretrained(
-            UNet2DConditionModel.from_pretrained, base / "unet", "UNet", **weights
-        ),
-        vae=load_pretrained(AutoencoderKL.from_pretrained, base / "vae", "VAE", **weights),
-        scheduler=load_pretrained(DDIMScheduler.from_pretrained, base / "scheduler", "scheduler"),
-        controlnet=load_pretrained(
-            ControlNetModel.from_pretrained, control, "OpenPose ControlNet", **weights
-        ),
+        tokenizer=base.tokenizer,
+        text_encoder=base.text_encoder,
+        unet=base.unet,
+        vae=base.vae,
+        scheduler=base.scheduler,
+        controlnet=controlnet,
         device=device,
         dtype=dtype,
-        name=model_name(config),
+        name=f"sd15:{base.digest[:16]}+{control_digest[:16]}",  # = model_name(config)
     )
     return _finish(parts)
 

@@ -6,7 +6,9 @@ global-attention blocks, prompt encoder, two-way-transformer mask decoder with t
 outputs), small enough for a CPU test. Their image encoder works at ``img_size`` 256 (the official
 models at 1024); :class:`segment_anything.SamPredictor` reads it from
 ``model.image_encoder.img_size``, so prompts and masks stay in original-image pixels either way.
-``sd15`` loads an official checkpoint (``model.sam_checkpoint`` of type ``model.sam_type``).
+``sd15`` loads an official checkpoint (``model.sam_checkpoint`` of type ``model.sam_type``):
+Meta's ``.pth`` through segment-anything, or the transformers layout (a folder or hub id such as
+``facebook/sam-vit-huge``) through transformers (:mod:`engine.models.sam_hf`).
 """
 
 from __future__ import annotations
@@ -170,6 +172,33 @@ def build_sam(config: ModelConfig) -> Sam:
     return SAM_REGISTRY[config.preset](config)
 
 
-def build_sam_predictor(config: ModelConfig) -> SamPredictor:
-    """A :class:`segment_anything.SamPredictor` around :func:`build_sam` ``(config)``."""
+def build_sam_predictor(config: ModelConfig) -> Any:
+    """A :class:`segment_anything.SamPredictor` around :func:`build_sam` ``(config)``, or for a
+    ``model.sam_checkpoint`` in transformers' layout (a folder or hub id) the
+    :class:`~engine.models.sam_hf.HFSamPredictor` of the same interface."""
+    folder = _hf_folder(config)
+    if folder is not None:
+        from engine.models.sam_hf import load_hf_sam
+
+        return load_hf_sam(folder, config.sam_type, resolve_device(config.device))
     return SamPredictor(build_sam(config))
+
+
+def _hf_folder(config: ModelConfig) -> Path | None:
+    """The transformers-layout SAM ``model.sam_checkpoint`` names (a folder, or a hub id's
+    snapshot), or None for Meta's ``.pth`` files and the random presets."""
+    if config.preset != "sd15" or config.sam_checkpoint is None:
+        return None
+    from engine.models.real import local_source
+    from engine.models.sam_hf import is_hf_sam
+
+    if Path(config.sam_checkpoint).expanduser().is_file():
+        return None
+    source = local_source(config, "sam_checkpoint", "SAM (transformers layout)")
+    folder = Path(source.location)
+    if source.kind != "folder" or not is_hf_sam(folder):
+        raise WeightsNotFoundError(
+            f"model.sam_checkpoint={config.sam_checkpoint!r} is neither Meta's sam_vit_*.pth nor "
+            "a transformers SAM folder (config.json with model_type sam); fix the path"
+        )
+    return folder

@@ -1,0 +1,177 @@
+"""Bring your own character: a LoRA made elsewhere (``appearance.lora``) as :class:`AdapterWeights`.
+
+The file is read by the library that defines its format, loaded onto the resident models under a
+temporary name, read back from peft's layers and removed again (the models are left exactly as
+they were, as :mod:`engine.appearance.train` leaves them):
+
+- kohya-ss / A1111 (``lora_unet_…``, ``lora_te_…``, ``.alpha``) and diffusers
+  (``pytorch_lora_weights.safetensors``, ``unet.…`` / ``text_encoder.…`` keys, old and peft
+  style): ``StableDiffusionPipeline.lora_state_dict`` + ``load_lora_into_unet`` /
+  ``load_lora_into_text_encoder`` (diffusers converts the keys and per-module alphas);
+- peft (a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, the UNet's; a
+  text-encoder LoRA in ``text_encoder/``): ``LoraConfig.from_pretrained`` + ``load_peft_weights``.
+
+What comes back is normalised to one rank and scaling 1 so the engine's per-row machinery takes
+it like a trained adapter: each module's ``B`` is multiplied by its own ``alpha / r`` and by
+``appearance.lora_scale``, and modules of a smaller rank are zero-padded to the largest (both
+exact: ``W + s·B·A`` is unchanged).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from engine.appearance.lora import lora_layers, refresh, remove_lora, restore, snapshot
+from engine.appearance.train import AdapterWeights
+from engine.config import ModelConfig
+from engine.models.errors import WeightsNotFoundError
+
+IMPORTING = "appearance_importing"
+"""Temporary adapter name while an imported LoRA is read."""
+
+
+def _fail(source: Path, why: str) -> WeightsNotFoundError:
+    return WeightsNotFoundError(
+        f"appearance.lora={str(source)!r}: {why}; name a kohya / diffusers .safetensors LoRA of "
+        "an SD-1.x model, or a peft folder with adapter_config.json"
+    )
+
+
+def _load_peft(folder: Path, module: nn.Module) -> None:
+    from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    config = LoraConfig.from_pretrained(str(folder))
+    state = {
+        k.removeprefix("base_model.model."): v for k, v in load_peft_weights(str(folder)).items()
+    }
+    inject_adapter_in_model(config, module, adapter_name=IMPORTING)
+    result: Any = set_peft_model_state_dict(module, state, adapter_name=IMPORTING)
+    unexpected = [k for k in result.unexpected_keys if "lora_" in k]
+    if unexpected:
+        raise ValueError(f"tensors that fit no module: {unexpected[:3]}")
+
+
+def _load_diffusers(path: Path, unet: nn.Module, text_encoder: nn.Module) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+    state, alphas = StableDiffusionPipeline.lora_state_dict(
+        str(folder), weight_name=weight_name, local_files_only=True
+    )
+    if not any(k.startswith("unet.") for k in state):
+        raise ValueError("it holds no UNet LoRA")
+    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=IMPORTING)
+    if any(k.startswith("text_encoder.") for k in state):
+        StableDiffusionPipeline.load_lora_into_text_encoder(
+            state, alphas, text_encoder, prefix="text_encoder", adapter_name=IMPORTING
+        )
+
+
+def _read_back(module: nn.Module, scale: float) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{module path: (A, B·alpha/r·scale)} of the temporary adapter on ``module``."""
+    paths = {id(m): name for name, m in module.named_modules()}
+    out = {}
+    for tuner in lora_layers(module):
+        layer: Any = tuner  # peft's LoRA layer (lora_A / lora_B / scaling by adapter name)
+        if IMPORTING not in getattr(layer, "lora_A", {}):
+            continue
+        if getattr(layer, "use_dora", {}).get(IMPORTING):
+            raise ValueError("DoRA adapters cannot be mixed per batch row (peft)")
+        a = layer.lora_A[IMPORTING].weight  # (r, in[, kh, kw])
+        lora_b = layer.lora_B[IMPORTING]  # (out, r[, 1, 1])
+        if getattr(lora_b, "bias", None) is not None:
+            raise ValueError("LoRA biases are not supported")
+        b = lora_b.weight * (layer.scaling[IMPORTING] * scale)
+        out[paths[id(layer)]] = (a.detach().float().cpu(), b.detach().float().cpu())
+    return out
+
+
+def _padded(
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], rank: int
+) -> dict[str, torch.Tensor]:
+    """peft state-dict keys (no adapter name), A and B zero-padded to ``rank``."""
+    state = {}
+    for name, (a, b) in pairs.items():
+        pa = a.new_zeros((rank, *a.shape[1:]))
+        pa[: a.shape[0]] = a
+        pb = b.new_zeros((b.shape[0], rank, *b.shape[2:]))
+        pb[:, : b.shape[1]] = b
+        state[f"{name}.lora_A.weight"], state[f"{name}.lora_B.weight"] = pa, pb
+    return state
+
+
+def lora_location(value: str, model: ModelConfig) -> Path:
+    """The local file or folder of ``appearance.lora``: a path, or a hub id's snapshot (the
+    cache, else a download of its ``.safetensors`` and ``.json`` files unless offline)."""
+    from engine.models.real import offline
+    from engine.models.sources import classify, hub_folder
+
+    source = classify(value, "lora", section="appearance")
+    if source.kind != "hub":
+        return Path(source.location)
+    return hub_folder(
+        value,
+        "character LoRA",
+        "lora",
+        offline=offline(model),
+        variant=None,
+        section="appearance",
+        patterns=["*.safetensors", "*.json"],
+    )
+
+
+def import_lora(
+    source: Path, unet: nn.Module, text_encoder: nn.Module, *, scale: float = 1.0
+) -> AdapterWeights:
+    """The LoRA at ``source`` (file or folder) as :class:`AdapterWeights` of ``unet`` /
+    ``text_encoder`` (rank = its largest, alpha = rank, float32 CPU tensors).
+
+    Raises:
+        WeightsNotFoundError: ``source`` is missing, of an unknown format, of another model
+            (tensors that fit no module), or a DoRA / biased LoRA.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise _fail(source, "it does not exist")
+    states = (snapshot(unet), snapshot(text_encoder))
+    try:
+        peft_unet = source / "adapter_config.json"
+        if source.is_dir() and (peft_unet.is_file() or (source / "unet").is_dir()):
+            _load_peft(source if peft_unet.is_file() else source / "unet", unet)
+            if (source / "text_encoder" / "adapter_config.json").is_file():
+                _load_peft(source / "text_encoder", text_encoder)
+            kind = "peft"
+        else:
+            _load_diffusers(source, unet, text_encoder)
+            kind = "kohya/diffusers"
+        refresh(unet)
+        refresh(text_encoder)
+        unet_pairs, text_pairs = _read_back(unet, scale), _read_back(text_encoder, scale)
+    except (ValueError, KeyError, OSError, RuntimeError, TypeError) as e:
+        raise _fail(
+            source, f"it does not load ({(str(e).splitlines() or [''])[0][:300]})"
+        ) from None
+    finally:
+        refresh(unet)
+        refresh(text_encoder)
+        remove_lora(unet, IMPORTING)
+        remove_lora(text_encoder, IMPORTING)
+        restore(unet, states[0])
+        restore(text_encoder, states[1])
+    if not unet_pairs:
+        raise _fail(source, "it adapts no module of the UNet")
+    rank = max(a.shape[0] for a, _ in [*unet_pairs.values(), *text_pairs.values()])
+    return AdapterWeights(
+        unet=_padded(unet_pairs, rank),
+        text_encoder=_padded(text_pairs, rank) if text_pairs else None,
+        rank=rank,
+        alpha=float(rank),
+        target_modules=tuple(sorted(unet_pairs)),
+        text_target_modules=tuple(sorted(text_pairs)),
+        metadata={"imported": str(source), "format": kind, "scale": scale},
+    )
