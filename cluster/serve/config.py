@@ -1,7 +1,7 @@
-"""Settings of the render service (:class:`ServeArgs`) and its Ray Serve app builder.
+"""Settings of the render service (:class:`ServeArgs`), loaded from YAML.
 
-``cluster/deploy/serve.yaml`` references :func:`build_app` by ``import_path`` and passes
-``ServeArgs`` as ``args``; ``avatar serve`` builds the same app from a YAML of ``ServeArgs``.
+Data only: the Serve app builder that binds the deployments to these settings lives above them,
+in :mod:`cluster.serve.build` (``cluster/deploy/serve.yaml`` names it by ``import_path``).
 """
 
 from __future__ import annotations
@@ -154,23 +154,6 @@ def load_args(path: Path | None, **overrides: Any) -> ServeArgs:
         return ServeArgs.model_validate(data)
     except ValueError as e:
         raise ConfigError(f"serve config {path or '(defaults)'}: {e}") from None
-
-
-def build_app(args: dict[str, Any] | ServeArgs) -> Any:
-    """The Serve application: the HTTP ingress bound to the engine deployment."""
-    from cluster.serve.deployments import Engine, Ingress
-
-    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    args.engine_config()  # fail at deploy time, not in a replica
-    data = args.model_dump(mode="json")
-    data["storage"] = str(args.root)
-    engine = Engine.bind(data)
-    ing = args.ingress
-    return Ingress.options(
-        num_replicas=ing.replicas,
-        max_ongoing_requests=ing.max_ongoing_requests,
-        max_queued_requests=ing.max_queued_requests,
-    ).bind(engine, data)
 
 
 def env_tokens(args: ServeArgs) -> list[TokenConfig]:
