@@ -63,7 +63,7 @@ class RenderRequest(_Strict):
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     """Negative prompt (default: the preset's)."""
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    fps: float | None = Field(default=None, gt=0.0, le=120.0)
+    fps: float | None = Field(default=None, ge=1.0, le=120.0)
     """Output fps (default: the pose sequence's)."""
     width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
@@ -85,11 +85,13 @@ class RenderRequest(_Strict):
 class Links(BaseModel):
     self: str
     events: str
+    cancel: str
+    """POST here to cancel (DELETE on ``self`` removes the render)."""
     video: str
     contact_sheet: str
     metrics: str
     frames: str
-    """Template: replace {i} with a frame index."""
+    """Prefix of the frames: append a frame index (0, 1, …)."""
 
 
 class RenderView(BaseModel):
@@ -97,6 +99,10 @@ class RenderView(BaseModel):
 
     id: str
     state: State
+    prompt: str
+    """The request's prompt."""
+    width: int
+    height: int
     frames_done: int
     frames_total: int
     progress: float
@@ -148,6 +154,7 @@ _REASONS = {
     400: "bad request (header, content)",
     401: "missing or unknown bearer token",
     404: "no such render for this token",
+    405: "method not allowed (Allow names the methods)",
     409: "the id exists with another request body",
     413: "request body too large",
     415: "unsupported media type",

@@ -36,11 +36,25 @@ from cluster.serve.api import (
 from cluster.serve.auth import TokenTable
 from cluster.serve.backend import Backend
 from cluster.serve.config import ServeArgs
+from cluster.serve.storage import MAX_CLIENT_ID
 from cluster.serve.telemetry import HttpMetrics
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
-RenderId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+RenderId = Annotated[
+    str, PathParam(min_length=1, max_length=MAX_CLIENT_ID, pattern=r"^[A-Za-z0-9_-]+$")
+]
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
+}
+"""Sent with every answer (API, page, files, errors)."""
 _SUBMIT_BODY = {
     "requestBody": {
         "required": True,
@@ -110,6 +124,13 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
     app.state.http_metrics = metrics
     _errors(app, metrics)
 
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
+
     async def submit(request: Request, who: str, render_id: str | None, key: str | None) -> Any:
         data, upload = await http.parse_submission(request, args.limits.max_body_bytes)
         view, created = await backend.call("submit", who, data, upload, render_id, key)
@@ -149,10 +170,19 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
         """State, progress, ETA, error and links of one render."""
         return await backend.call("get", who, render_id)
 
-    @app.delete("/v1/renders/{render_id}", response_model=RenderView, responses=_READ_ERRORS)
+    @app.post("/v1/renders/{render_id}/cancel", response_model=RenderView,
+              responses=_READ_ERRORS)  # fmt: skip
     async def cancel_render(render_id: RenderId, who: Owner) -> Any:
-        """Cancel a queued or running render (a no-op for finished ones)."""
+        """Cancel a queued or running render (a no-op for finished ones); it stays listed."""
         return await backend.call("cancel", who, render_id)
+
+    @app.delete("/v1/renders/{render_id}", status_code=204, response_class=Response,
+                response_model=None, responses={204: {"description": "removed"}, **_READ_ERRORS})  # fmt: skip
+    async def delete_render(render_id: RenderId, who: Owner) -> Any:
+        """Cancel the render if needed and remove it: its files, its pose upload and its entry
+        (then 404). Frames it used stay counted in the daily quota."""
+        await backend.call("delete", who, render_id)
+        return Response(status_code=204)
 
     @app.get("/v1/renders/{render_id}/events", response_class=http.EventStreamResponse,
              responses=_READ_ERRORS)  # fmt: skip
@@ -204,13 +234,15 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
         """The render's metrics.json (requests with ``metrics: true``)."""
         return http.JsonFileResponse(await artefact(who, render_id, "metrics"))
 
-    _service_routes(app, backend, metrics)
+    _service_routes(app, backend, metrics, tokens)
     _page(app)
     _schema(app)
     return app
 
 
-def _service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> None:
+def _service_routes(
+    app: FastAPI, backend: Backend, metrics: HttpMetrics, tokens: TokenTable
+) -> None:
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Any:
         """The ingress process is up."""
@@ -224,9 +256,16 @@ def _service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> Non
             raise ApiError(503, "not_ready", f"engine not ready: {detail}", None, 5)
         return {"status": "ready", "detail": detail}
 
-    @app.get("/metrics", response_class=http.PrometheusResponse, responses=error_responses(503))
-    async def prometheus() -> Any:
-        """Prometheus text: renders by state, frames, stage latencies, rejects by reason."""
+    @app.get("/metrics", response_class=http.PrometheusResponse,
+             responses=error_responses(401, 503))  # fmt: skip
+    async def prometheus(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> Any:
+        """Prometheus text: renders by state, frames, stage latencies, rejects by reason
+        (service-wide counts; behind the metrics token when one is configured)."""
+        if not tokens.metrics_allowed(credentials.credentials if credentials else None):
+            metrics.reject("auth")
+            raise ApiError(401, "unauthorized", "missing or unknown metrics token")
         text = await backend.call("metrics_text") + metrics.render()
         return Response(text, media_type=http.PrometheusResponse.media_type)
 
@@ -242,6 +281,10 @@ def _page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> Any:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Any:
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
 def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
@@ -260,7 +303,8 @@ def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Any:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return http.error_response(ApiError(error.status_code, code, str(error.detail)))
+        headers = dict(error.headers or {})
+        return http.error_response(ApiError(error.status_code, code, str(error.detail)), headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> Any:

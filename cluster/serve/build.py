@@ -19,7 +19,7 @@ def build_app(args: dict[str, Any] | ServeArgs) -> Any:
     args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
     args.engine_config()  # fail at deploy time, not in a replica
     data = args.model_dump(mode="json")
-    data["storage"] = str(args.root)
+    data["storage"]["root"] = str(args.root)
     engine = Engine.bind(data)
     ing = args.ingress
     return Ingress.options(

@@ -16,6 +16,7 @@ The parent never decodes a pixel; it reads back an ``.npz`` of at most ``F x 18 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -78,7 +79,7 @@ def load_poses_isolated(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: a timeout kills ffmpeg too
-            preexec_fn=_limit(memory_mb),  # noqa: PLW1509 (only setrlimit; no threads here)
+            preexec_fn=_limit(memory_mb),
             env={**os.environ, **_CHILD_ENV},
         )
         try:
@@ -115,10 +116,8 @@ def _limit(memory_mb: int) -> Any:
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
     proc.wait()
 
 
