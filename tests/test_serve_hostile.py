@@ -80,7 +80,7 @@ def _deep(levels: int) -> str:
     return "[" * levels + "]" * levels
 
 
-HOSTILE_JSON = [  # fmt: skip
+HOSTILE_JSON = [
     # (name, raw JSON body, status, field)
     ("deep body", '{"prompt": "x", "poses": ' + _deep(5000) + "}", 400, "body"),
     ("deep poses", '{"prompt": "x", "poses": ' + _deep(900) + "}", 400, "body"),
