@@ -80,7 +80,7 @@ def load_poses_isolated(
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: a timeout kills ffmpeg too
             preexec_fn=_limit(memory_mb),
-            env={**os.environ, **_CHILD_ENV},
+            env=_child_env(),
         )
         try:
             _, err = proc.communicate(request.encode(), timeout=timeout_s)
@@ -103,6 +103,13 @@ def load_poses_isolated(
         if proc.returncode != 0 or not out.is_file():
             raise PoseError(f"{path}: the decoder failed (exit {proc.returncode}: {last[-200:]})")
         return _read(out, path)
+
+
+def _child_env() -> dict[str, str]:
+    """This environment, single-threaded numerics, and this package importable from anywhere."""
+    root = str(Path(__file__).resolve().parents[2])
+    path = os.environ.get("PYTHONPATH", "")
+    return {**os.environ, **_CHILD_ENV, "PYTHONPATH": os.pathsep.join(p for p in (root, path) if p)}
 
 
 def _limit(memory_mb: int) -> Any:
