@@ -76,9 +76,9 @@ def test_render_finishes_and_its_files_download(live, finished, tmp_path: Path):
         png = live.get(f"/v1/renders/{render_id}/{path}", headers=auth("alice"))
         assert png.status_code == 200 and png.content.startswith(PNG_MAGIC), path
     missing = live.get(f"/v1/renders/{render_id}/frames/3", headers=auth("alice"))
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_ready"
+    assert missing.status_code == 409 and missing.json()["error"]["code"] == "not_ready"
     metrics = live.get(f"/v1/renders/{render_id}/metrics", headers=auth("alice"))
-    assert metrics.status_code == 404  # not requested (metrics: false)
+    assert metrics.status_code == 409  # not requested (metrics: false)
 
 
 def test_video_range_requests(live, finished):

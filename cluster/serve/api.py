@@ -75,11 +75,11 @@ class RenderRequest(_Strict):
     """Defaults from one of the presets the server allows (GET /v1/info)."""
     metrics: bool = False
     """Score the finished render (metrics.json, GET …/metrics)."""
-    example: str | None = Field(default=None, max_length=64)
-    """A built-in pose sequence by name (GET /v1/info lists them)."""
-    poses: dict[str, Any] | list[Any] | None = None
+    example: str = Field(default=None, max_length=64)  # type: ignore[assignment]
+    """A built-in pose sequence by name (GET /v1/info lists them); absent, never null."""
+    poses: dict[str, Any] | list[Any] = None  # type: ignore[assignment]
     """Inline poses: our poses.json object, or OpenPose JSON (an object with ``people`` or a
-    list of them, one per frame)."""
+    list of them, one per frame); absent, never null."""
 
 
 class Links(BaseModel):
@@ -155,7 +155,7 @@ _REASONS = {
     401: "missing or unknown bearer token",
     404: "no such render for this token",
     405: "method not allowed (Allow names the methods)",
-    409: "the id exists with another request body",
+    409: "the id exists with another request body, or the render has no such file yet",
     413: "request body too large",
     415: "unsupported media type",
     422: "invalid field (named in error.field)",

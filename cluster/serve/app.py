@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,11 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.serve import http
 from cluster.serve.api import (
     ApiError,
-    ErrorDetail,
-    ErrorResponse,
     Health,
     RenderList,
-    RenderRequest,
     RenderView,
     ServiceInfo,
     State,
@@ -36,8 +34,10 @@ from cluster.serve.api import (
 from cluster.serve.auth import TokenTable
 from cluster.serve.backend import Backend
 from cluster.serve.config import ServeArgs
+from cluster.serve.schema import exact_openapi, submit_body
 from cluster.serve.storage import MAX_CLIENT_ID
 from cluster.serve.telemetry import HttpMetrics
+from cluster.serve.uploads import EXAMPLES
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -55,24 +55,7 @@ SECURITY_HEADERS = {
     "Cross-Origin-Opener-Policy": "same-origin",
 }
 """Sent with every answer (API, page, files, errors)."""
-_SUBMIT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["request", "poses"],
-                    "properties": {
-                        "request": {"type": "string", "description": "RenderRequest as JSON"},
-                        "poses": {"type": "string", "format": "binary"},
-                    },
-                }
-            },
-        },
-    }
-}
+_SUBMIT_BODY = submit_body()
 _SUBMITTED = {
     200: {"model": RenderView, "description": "a repeat: the existing render"},
     202: {"model": RenderView, "description": "accepted; Location names the render"},
@@ -104,6 +87,7 @@ def _binary(media_type: str) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"content": {media_type: {"schema": {"type": "string", "format": "binary"}}}},
         206: {"description": "partial content (Range)", "content": {media_type: {}}},
+        **error_responses(409),
         416: {"description": "range not satisfiable", "content": {"text/plain": {}}},
         **_READ_ERRORS,
     }
@@ -236,7 +220,7 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
 
     _service_routes(app, backend, metrics, tokens)
     _page(app)
-    _schema(app)
+    exact_openapi(app, args, sorted(EXAMPLES), tokens.metrics_required)
     return app
 
 
@@ -304,6 +288,8 @@ def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
     async def http_error(request: Request, error: StarletteHTTPException) -> Any:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
         headers = dict(error.headers or {})
+        if error.status_code == 405:  # every method of the path, not only one route's
+            headers["Allow"] = ", ".join(_allowed(app, request.url.path))
         return http.error_response(ApiError(error.status_code, code, str(error.detail)), headers)
 
     @app.exception_handler(Exception)
@@ -312,23 +298,10 @@ def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
         return http.error_response(ApiError(500, "internal", "internal error; see the server log"))
 
 
-def _schema(app: FastAPI) -> None:
-    """Add RenderRequest (used through openapi_extra) to the schema's components."""
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = original()
-        defs = RenderRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(defs.pop("$defs", {}))
-        components["RenderRequest"] = defs
-        for model in (ErrorResponse, ErrorDetail):
-            error = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            error.pop("$defs", None)
-            components[model.__name__] = error
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+def _allowed(app: FastAPI, path: str) -> list[str]:
+    """The methods of every route matching ``path`` (the Allow of a 405)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)

@@ -51,6 +51,11 @@ class TokenTable:
                 f"${args.tokens_env}=name:token (or auth: false for local use)"
             )
 
+    @property
+    def metrics_required(self) -> bool:
+        """Whether ``GET /metrics`` needs the metrics token."""
+        return self._metrics is not None
+
     def metrics_allowed(self, token: str | None) -> bool:
         """Whether ``GET /metrics`` may answer: no metrics token configured, or this one."""
         if self._metrics is None:

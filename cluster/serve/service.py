@@ -396,7 +396,7 @@ class RenderService:
         if not ready or not path.is_file():
             what = f"frame {index}" if kind == "frame" else kind
             why = f"it is {record.state}" if not ready else "it was not made (see the request)"
-            raise ApiError(404, "not_ready", f"render {render_id!r} has no {what}: {why}")
+            raise ApiError(409, "not_ready", f"render {render_id!r} has no {what}: {why}")
         return str(path)
 
     # -- health -------------------------------------------------------------------------------
