@@ -263,7 +263,10 @@ class RenderService:
             "alignment": req.alignment.model_dump(),
             "model": self.config.model.model_dump(mode="json"),
             "cluster": self.config.cluster.model_dump(mode="json"),
-            "limits": {"max_frames": self.args.limits.max_frames},
+            "limits": {
+                **self.config.limits.model_dump(),
+                "max_frames": self.args.limits.max_frames,
+            },
             "cache_dir": str(self.root / "cache"),
         }
         for key in ("negative_prompt", "fps", "width", "height"):
