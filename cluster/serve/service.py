@@ -25,14 +25,8 @@ from cluster.serve.auth import QuotaExceeded, QuotaLedger
 from cluster.serve.config import ServeArgs
 from cluster.serve.storage import MAX_CLIENT_ID, OwnerIds, server_secret, tree_bytes
 from cluster.serve.telemetry import EngineMetrics
-from cluster.serve.uploads import (
-    EXAMPLES,
-    PoseInput,
-    json_bytes,
-    pose_input,
-    public_message,
-    store_poses,
-)
+from cluster.serve.uploads import EXAMPLES, PoseInput, public_message, request_poses, store_poses
+from cluster.serve.views import view
 from engine.config import ConfigError, build_config, deep_merge, preset_dict
 from engine.core import (
     ConflictError,
@@ -49,36 +43,6 @@ from engine.core.store import FINAL_STATES, ID_PATTERN, STATES
 log = logging.getLogger(__name__)
 UNFINISHED = tuple(s for s in STATES if s not in FINAL_STATES)
 ARTEFACTS = {"video": "video.mp4", "contact-sheet": "contact_sheet.png", "metrics": "metrics.json"}
-
-
-def view(record: RenderRecord, root: Path) -> dict[str, Any]:
-    """A store record as the API's RenderView (the owner's id; no server paths in ``error``)."""
-    client_id = OwnerIds.client(record.id)
-    base = f"/v1/renders/{client_id}"
-    total, done = record.frames_total, record.frames_done
-    progress = 1.0 if record.state == "done" else (done / total if total else 0.0)
-    data = record.public()
-    for key in ("owner", "fingerprint", "priority"):
-        data.pop(key)
-    spec = record.spec
-    return {
-        **data,
-        "id": client_id,
-        "error": public_message(record.error, root) if record.error else None,
-        "prompt": str(spec.get("prompt") or ""),
-        "width": int(spec.get("width") or 0),
-        "height": int(spec.get("height") or 0),
-        "progress": round(progress, 4),
-        "links": {
-            "self": base,
-            "events": f"{base}/events",
-            "cancel": f"{base}/cancel",
-            "video": f"{base}/video",
-            "contact_sheet": f"{base}/contact-sheet",
-            "metrics": f"{base}/metrics",
-            "frames": f"{base}/frames/",
-        },
-    }
 
 
 class RenderService:
@@ -226,31 +190,8 @@ class RenderService:
             raise ApiError(422, "invalid", "prompt is blank; describe the character", "body.prompt")
 
     def _poses(self, req: RenderRequest, upload: bytes | None) -> PoseInput:
-        given = [n for n, v in (("poses", req.poses), ("example", req.example), ("upload", upload))
-                 if v is not None]  # fmt: skip
-        if len(given) != 1:
-            raise ApiError(
-                422,
-                "poses",
-                f"give exactly one of inline poses, an example or a pose upload (got {given})",
-                "body.poses",
-            )
-        if req.example is not None:
-            if req.example not in EXAMPLES:
-                raise ApiError(
-                    422, "unknown_example",
-                    f"example {req.example!r} does not exist; choose one of {sorted(EXAMPLES)}",
-                    "body.example",
-                )  # fmt: skip
-            data = EXAMPLES[req.example].read_bytes()
-        elif upload is not None:
-            if not upload:
-                raise ApiError(422, "poses", "the pose upload is empty", "poses")
-            data = upload
-        else:
-            data = json_bytes(req.poses)
         lim = self.args.limits
-        return pose_input(data, lim.max_upload_pixels, lim.max_upload_frames)
+        return request_poses(req, upload, lim.max_upload_pixels, lim.max_upload_frames)
 
     def _config(self, req: RenderRequest, poses: Path) -> Any:
         data = preset_dict(req.preset or self.args.presets[0])

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.serve.api import ApiError
+from cluster.serve.api import ApiError, RenderRequest
 from cluster.serve.inspect import Declared, check_declared, declared
 from engine.files import atomic_write
 
@@ -123,6 +123,36 @@ def pose_input(data: bytes, max_pixels: int, max_frames: int) -> PoseInput:
     found = declared(data, ext)
     check_declared(found, max_pixels, max_frames)
     return PoseInput(data, ext, found)
+
+
+def request_poses(
+    req: RenderRequest, upload: bytes | None, max_pixels: int, max_frames: int
+) -> PoseInput:
+    """The pose input of a request: exactly one of inline poses, an example or an upload (422
+    naming ``body.poses`` otherwise), checked by :func:`pose_input`."""
+    given = [n for n, v in (("poses", req.poses), ("example", req.example), ("upload", upload))
+             if v is not None]  # fmt: skip
+    if len(given) != 1:
+        raise ApiError(
+            422, "poses",
+            f"give exactly one of inline poses, an example or a pose upload (got {given})",
+            "body.poses",
+        )  # fmt: skip
+    if req.example is not None:
+        if req.example not in EXAMPLES:
+            raise ApiError(
+                422, "unknown_example",
+                f"example {req.example!r} does not exist; choose one of {sorted(EXAMPLES)}",
+                "body.example",
+            )  # fmt: skip
+        data = EXAMPLES[req.example].read_bytes()
+    elif upload is not None:
+        if not upload:
+            raise ApiError(422, "poses", "the pose upload is empty", "poses")
+        data = upload
+    else:
+        data = json_bytes(req.poses)
+    return pose_input(data, max_pixels, max_frames)
 
 
 def store_poses(root: Path, render_id: str, poses: PoseInput) -> tuple[Path, bool]:
