@@ -148,3 +148,46 @@ def test_retention_and_storage_quota(tmp_path: Path, tiny_chain):
         assert client.get(f"/v1/renders/{ids['bob']}", headers=auth("bob")).status_code == 200
     finally:
         service.close()
+
+
+def test_same_poses_inline_or_uploaded_are_one_request(live):
+    """JSON uploads are made canonical: the same poses by either route replay one render."""
+    import json
+
+    request = body(seed=9)
+    headers = {**auth("alice"), "Idempotency-Key": "same-poses"}
+    inline = live.post("/v1/renders", json=request, headers=headers)
+    upload = json.dumps(request.pop("poses"), indent=2).encode()  # other bytes, same poses
+    files = {"request": (None, json.dumps(request)), "poses": ("poses.json", upload)}
+    again = live.post("/v1/renders", files=files, headers=headers)
+    assert (inline.status_code, again.status_code) == (202, 200), again.text
+    assert again.json()["id"] == inline.json()["id"]
+    assert (
+        live.delete(f"/v1/renders/{inline.json()['id']}", headers=auth("alice")).status_code == 204
+    )
+
+
+def test_serve_package_imports_top_down():
+    """No import circle in cluster/serve (imports inside functions count too)."""
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "cluster" / "serve"
+    graph: dict[str, set[str]] = {}
+    for file in package.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cluster.serve"):
+                names.add(node.module.rsplit(".", 1)[-1])
+                names.update(a.name for a in node.names if node.module == "cluster.serve")
+        graph[file.stem] = names & {f.stem for f in package.glob("*.py")}
+    done: set[str] = set()
+
+    def visit(module: str, path: tuple[str, ...]) -> None:
+        assert module not in path, f"import circle: {' -> '.join((*path, module))}"
+        if module not in done:
+            for target in graph.get(module, ()):
+                visit(target, (*path, module))
+            done.add(module)
+
+    for module in graph:
+        visit(module, ())
