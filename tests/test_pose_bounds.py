@@ -87,3 +87,12 @@ def test_resampling_refuses_absurd_frame_rates(fps):
     seq = synthetic_dance(frames=16, fps=8, width=64, height=64)
     with pytest.raises(PoseError, match="fps"):
         resample(seq, fps=fps)
+
+
+def test_gif_frames_held_are_bounded_by_bytes(tmp_path: Path, monkeypatch):
+    from engine.pose import frames
+
+    monkeypatch.setattr(frames, "MAX_DECODED_BYTES", 20 << 20)  # 20 MiB: 6 frames of 1024²
+    honest_gif(tmp_path / "long.gif", 1024, 12)
+    with pytest.raises(PoseError, match="MiB of decoded frames"):
+        frames.open_gif(tmp_path / "long.gif")

@@ -191,3 +191,19 @@ def test_serve_package_imports_top_down():
 
     for module in graph:
         visit(module, ())
+
+
+def test_delete_mid_render_removes_everything(live):
+    r = live.post("/v1/renders", json={**body(frames=24), "steps": 8}, headers=auth("alice"))
+    render_id = r.json()["id"]
+    deadline = time.monotonic() + 120
+    while wait_state(live, render_id, "alice", {"rendering"}, 120)["frames_done"] < 1:
+        assert time.monotonic() < deadline, "no frame persisted within 120 s"
+        time.sleep(0.1)
+    assert live.delete(f"/v1/renders/{render_id}", headers=auth("alice")).status_code == 204
+    assert live.get(f"/v1/renders/{render_id}", headers=auth("alice")).status_code == 404
+    time.sleep(1.0)  # a batch in flight when it was deleted must not write anything back
+    leftovers = list(live.root.glob(f"*{render_id}")) + list(
+        live.root.glob(f".uploads/*{render_id}")
+    )
+    assert leftovers == []
