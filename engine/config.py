@@ -159,7 +159,7 @@ class LimitsConfig(_Base):
     ``decode_memory_mb`` and ``decode_timeout_s`` (engine.pose.isolated), never in this one."""
     decode_memory_mb: int = Field(default=3072, ge=512, le=1 << 20)
     """Address-space cap of the decoding child (MiB; Python, decoders and ffmpeg together)."""
-    decode_timeout_s: float = Field(default=300.0, gt=0.0, le=86_400.0)
+    decode_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
     """The decoding child is killed after this many seconds."""
 
 

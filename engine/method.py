@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -55,8 +56,13 @@ def load_plate(path: Path, width: int, height: int) -> np.ndarray:
     return np.asarray(img).copy()
 
 
-def prepare_poses(config: RenderConfig) -> PoseSequence:
-    """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
+def prepare_poses(
+    config: RenderConfig, cancelled: Callable[[], bool] | None = None
+) -> PoseSequence:
+    """Load, resample to the render's fps and size, and validate the spec's pose sequence.
+
+    A visual input is decoded in a bounded child process (``limits.decode_*``), stopped early
+    when ``cancelled()`` turns True."""
     if config.poses is None:
         raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
     lim = config.limits
@@ -65,6 +71,7 @@ def prepare_poses(config: RenderConfig) -> PoseSequence:
             Path(config.poses),
             memory_mb=lim.decode_memory_mb,
             timeout_s=lim.decode_timeout_s,
+            cancelled=cancelled,
             max_frames=lim.max_frames,
             kind=config.pose_kind,
             extraction=config.pose_extraction.model_dump(mode="json"),

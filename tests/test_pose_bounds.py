@@ -80,6 +80,11 @@ def test_isolated_decoding_is_exact_bounded_and_timed(tmp_path: Path):
     with pytest.raises(PoseError, match="decode_timeout_s"):
         load_poses_isolated(tmp_path / "big.gif", memory_mb=3072, timeout_s=0.2, **options)
     assert time.perf_counter() - start < 5.0
+    start = time.perf_counter()
+    with pytest.raises(PoseError, match="cancelled"):
+        load_poses_isolated(tmp_path / "big.gif", memory_mb=3072, timeout_s=120,
+                            cancelled=lambda: time.perf_counter() - start > 0.3, **options)  # fmt: skip
+    assert time.perf_counter() - start < 5.0
 
 
 @pytest.mark.parametrize("fps", [5e-324, 1e300])

@@ -17,8 +17,10 @@ import pytest
 from serve_helpers import auth, body, make_args, make_client, wait_state
 
 ABSOLUTE = re.compile(r"(^|[\s'\"(])/\w")  # a server path in an error message
-ANSWER_S = 1.5
-"""Most seconds one hostile POST may take (the design target is 1 s; the machine is shared)."""
+ANSWER_S = 3.0
+"""Most seconds one hostile POST may take. Measured 4-115 ms; the bound tolerates a shared
+2-core machine at load 9 (a 1.5 s bound failed there once), and decoding in the request path
+took 35-61 s."""
 ENGINE_GROWTH_MB = 120
 """Most the engine process's peak RSS may grow over the whole corpus (decoding the two accepted
 uploads in process would add >= 150 MB; the 10000x10000 GIF >= 1.2 GB)."""
@@ -138,3 +140,30 @@ def test_an_unreadable_video_names_no_version_or_path(live):
         assert r.status_code == 422, r.text
         message = r.json()["error"]["message"]
     assert "version" not in message.lower() and not ABSOLUTE.search(message), message
+
+
+def test_delete_stops_a_decode_in_progress(live, tmp_path):
+    """DELETE of a render whose upload is being decoded kills the decoding child at once."""
+    import psutil
+    from hostile import honest_gif
+
+    honest_gif(tmp_path / "long.gif", 2048, 40)  # ~15 s to decode on this machine
+    files = {"request": (None, json.dumps({"prompt": "a dancer"})),
+             "poses": ("long.gif", (tmp_path / "long.gif").read_bytes())}  # fmt: skip
+    r = live.post("/v1/renders", files=files, headers=auth("alice"))
+    assert r.status_code == 202, r.text
+
+    def decoders() -> list:
+        return [p for p in psutil.Process().children(recursive=True)
+                if "engine.pose.isolated" in " ".join(p.cmdline())]  # fmt: skip
+
+    deadline = time.monotonic() + 30
+    while not decoders():
+        assert time.monotonic() < deadline, "no decoding child started within 30 s"
+        time.sleep(0.05)
+    gone, seconds = timed(live.delete, f"/v1/renders/{r.json()['id']}", headers=auth("alice"))
+    assert gone.status_code == 204 and seconds < 3.0, (gone.status_code, seconds)
+    deadline = time.monotonic() + 5
+    while decoders():
+        assert time.monotonic() < deadline, "the decoding child outlived its render"
+        time.sleep(0.05)

@@ -267,9 +267,14 @@ class EngineCore:
         self._loading.add(render_id)
         store, model = self.store, self.config.model
 
+        def ended() -> bool:  # cancelled or deleted while loading: stop decoding its poses
+            record = store.get(render_id)
+            return record is None or record.final
+
         def load() -> None:
             try:
-                self._loaded.put((render_id, load_render(store, render_id, config, model)))
+                live = load_render(store, render_id, config, model, cancelled=ended)
+                self._loaded.put((render_id, live))
             except BaseException as e:
                 self._loaded.put((render_id, e))
             self._doorbell.set()

@@ -24,6 +24,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ import numpy as np
 from engine.pose.frames import IMAGE_EXTS, VIDEO_EXTS
 from engine.pose.sequence import PoseError, PoseSequence
 
+POLL_S = 0.25
 EXIT_POSE_ERROR = 3
 EXIT_MEMORY = 4
 _CHILD_ENV = {"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -51,6 +54,7 @@ def load_poses_isolated(
     *,
     memory_mb: int,
     timeout_s: float,
+    cancelled: Callable[[], bool] | None = None,
     **options: Any,
 ) -> PoseSequence:
     """:func:`~engine.pose.io.load_poses` of ``path`` in a child process bounded in memory and time.
@@ -59,6 +63,7 @@ def load_poses_isolated(
         path: a visual pose input (video, GIF, image or folder of images).
         memory_mb: the child's address-space cap in MiB (decoders, ffmpeg and Python included).
         timeout_s: wall-clock limit; the child (and what it started) is killed past it.
+        cancelled: polled every :data:`POLL_S` while the child runs; True kills it (PoseError).
         options: JSON-able keyword arguments of ``load_poses`` (``max_frames``, ``kind``,
             ``cache_dir``, ``extraction`` as a dict).
 
@@ -82,14 +87,7 @@ def load_poses_isolated(
             preexec_fn=_limit(memory_mb),
             env=_child_env(),
         )
-        try:
-            _, err = proc.communicate(request.encode(), timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            _kill(proc)
-            raise PoseError(
-                f"{path}: decoding took longer than {timeout_s:g} s (limits.decode_timeout_s); "
-                "give a shorter or smaller input"
-            ) from None
+        err = _wait(proc, request.encode(), path, timeout_s, cancelled)
         _kill(proc)  # anything it left running in its group
         message = err.decode(errors="replace").strip().splitlines()
         last = message[-1] if message else ""
@@ -103,6 +101,34 @@ def load_poses_isolated(
         if proc.returncode != 0 or not out.is_file():
             raise PoseError(f"{path}: the decoder failed (exit {proc.returncode}: {last[-200:]})")
         return _read(out, path)
+
+
+def _wait(
+    proc: subprocess.Popen[bytes],
+    request: bytes,
+    path: Path,
+    timeout_s: float,
+    cancelled: Callable[[], bool] | None,
+) -> bytes:
+    """The child's stderr once it exits; kills it past ``timeout_s`` or when ``cancelled()``."""
+    deadline = time.monotonic() + timeout_s
+    data: bytes | None = request
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            _, err = proc.communicate(data, timeout=max(0.0, min(POLL_S, left)))
+            return err
+        except subprocess.TimeoutExpired:
+            data = None  # the request is written once
+        if cancelled is not None and cancelled():
+            _kill(proc)
+            raise PoseError(f"{path}: decoding stopped: the render was cancelled")
+        if time.monotonic() >= deadline:
+            _kill(proc)
+            raise PoseError(
+                f"{path}: decoding took longer than {timeout_s:g} s (limits.decode_timeout_s); "
+                "give a shorter or smaller input"
+            )
 
 
 def _child_env() -> dict[str, str]:
