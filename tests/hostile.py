@@ -65,8 +65,9 @@ def build(out: Path) -> dict[str, str]:
     (out / "gif-10000.gif").write_bytes(crafted_gif(10000, 10000, 4))
     (out / "gif-65535.gif").write_bytes(crafted_gif(65535, 65535, 1))
     (out / "gif-frames.gif").write_bytes(crafted_gif(64, 64, 5000))
+    (out / "gif-megapixels.gif").write_bytes(crafted_gif(2048, 2048, 100))  # 419 Mpx in all
     index.update({"gif-10000.gif": "refuse", "gif-65535.gif": "refuse"})
-    index["gif-frames.gif"] = "refuse"
+    index["gif-frames.gif"] = index["gif-megapixels.gif"] = "refuse"
     honest_gif(out / "gif-2048x12.gif", 2048, 12)
     index["gif-2048x12.gif"] = "accept"
     x264 = ["-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p"]

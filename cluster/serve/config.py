@@ -78,6 +78,9 @@ class LimitConfig(_Base):
     it, before anything is decoded)."""
     max_upload_frames: int = Field(default=1024, ge=1, le=100_000)
     """Most frames a video/GIF upload may declare (before resampling to the render's fps)."""
+    max_upload_megapixels: int = Field(default=256, ge=1, le=100_000)
+    """Most pixels (millions) of all the frames an upload declares together: bounds the time its
+    decode takes (about 20 Mpx/s on one core here) where the header states a frame count."""
 
 
 class IngressConfig(_Base):

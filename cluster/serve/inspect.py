@@ -3,7 +3,7 @@
 A decoder allocates what a file's header declares (width x height per frame, frame count), not
 what its byte size suggests, so the service refuses an upload by its declaration before anything
 decodes it: ``limits.max_upload_pixels`` per frame and ``limits.max_upload_frames`` frames (422
-naming the cap). Parsers here read container structure only (pure Python, bounded by the body
+naming the cap), and ``limits.max_upload_megapixels`` in all. Parsers here read container structure only (pure Python, bounded by the body
 size): GIF (logical screen + every image descriptor), MP4/MOV (``stsd`` visual sample entries and
 ``stsz`` sample counts), Matroska/WebM (``PixelWidth``/``PixelHeight``), AVI (``avih``).
 
@@ -48,8 +48,11 @@ def declared(data: bytes, ext: str) -> Declared:
     return found
 
 
-def check_declared(found: Declared, max_pixels: int, max_frames: int) -> None:
-    """ApiError 422 naming the cap when ``found`` exceeds ``max_pixels`` or ``max_frames``."""
+def check_declared(
+    found: Declared, max_pixels: int, max_frames: int, max_megapixels: int = 1 << 30
+) -> None:
+    """ApiError 422 naming the cap when ``found`` exceeds ``max_pixels`` per frame,
+    ``max_frames`` frames or ``max_megapixels`` million pixels in all."""
     pixels = found.width * found.height
     if pixels > max_pixels:
         raise ApiError(
@@ -64,6 +67,15 @@ def check_declared(found: Declared, max_pixels: int, max_frames: int) -> None:
             422, "upload_too_large",
             f"the pose upload declares {found.frames} frames; this server decodes at most "
             f"{max_frames} (limits.max_upload_frames): trim it",
+            "poses",
+        )  # fmt: skip
+    total = pixels * (found.frames or 0)
+    if total > max_megapixels * 1_000_000:
+        raise ApiError(
+            422, "upload_too_large",
+            f"the pose upload declares {found.frames} frames of {found.width}x{found.height}, "
+            f"{total / 1e6:.0f} million pixels; this server decodes at most {max_megapixels} "
+            "million per upload (limits.max_upload_megapixels): shorten or shrink it",
             "poses",
         )  # fmt: skip
 

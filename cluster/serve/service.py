@@ -190,8 +190,7 @@ class RenderService:
             raise ApiError(422, "invalid", "prompt is blank; describe the character", "body.prompt")
 
     def _poses(self, req: RenderRequest, upload: bytes | None) -> PoseInput:
-        lim = self.args.limits
-        return request_poses(req, upload, lim.max_upload_pixels, lim.max_upload_frames)
+        return request_poses(req, upload, self.args.limits)
 
     def _config(self, req: RenderRequest, poses: Path) -> Any:
         data = preset_dict(req.preset or self.args.presets[0])

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.serve.api import ApiError, RenderRequest
+from cluster.serve.config import LimitConfig
 from cluster.serve.inspect import Declared, check_declared, declared
 from engine.files import atomic_write
 
@@ -108,10 +109,10 @@ class PoseInput:
         return min(max_frames, known) if known else max_frames
 
 
-def pose_input(data: bytes, max_pixels: int, max_frames: int) -> PoseInput:
+def pose_input(data: bytes, limits: LimitConfig) -> PoseInput:
     """Check an upload (or inline poses' bytes) by content: JSON is parsed and made canonical
     (the same poses inline or uploaded are one request), a video's declaration is checked
-    against ``max_pixels`` / ``max_frames`` (422 naming the limit) before anything decodes it."""
+    against ``limits.max_upload_*`` (422 naming the limit) before anything decodes it."""
     ext = sniff(data)
     if ext == ".json":
         value = parse_json(data, "poses")
@@ -121,13 +122,13 @@ def pose_input(data: bytes, max_pixels: int, max_frames: int) -> PoseInput:
             )
         return PoseInput(json_bytes(value), ext, None)
     found = declared(data, ext)
-    check_declared(found, max_pixels, max_frames)
+    check_declared(
+        found, limits.max_upload_pixels, limits.max_upload_frames, limits.max_upload_megapixels
+    )
     return PoseInput(data, ext, found)
 
 
-def request_poses(
-    req: RenderRequest, upload: bytes | None, max_pixels: int, max_frames: int
-) -> PoseInput:
+def request_poses(req: RenderRequest, upload: bytes | None, limits: LimitConfig) -> PoseInput:
     """The pose input of a request: exactly one of inline poses, an example or an upload (422
     naming ``body.poses`` otherwise), checked by :func:`pose_input`."""
     given = [n for n, v in (("poses", req.poses), ("example", req.example), ("upload", upload))
@@ -152,7 +153,7 @@ def request_poses(
         data = upload
     else:
         data = json_bytes(req.poses)
-    return pose_input(data, max_pixels, max_frames)
+    return pose_input(data, limits)
 
 
 def store_poses(root: Path, render_id: str, poses: PoseInput) -> tuple[Path, bool]:
