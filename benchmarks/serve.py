@@ -135,7 +135,8 @@ def _verify(run: Run, root: Path) -> dict[str, Any]:
             not_done.append((rid, run.ends.get(rid)))
             continue
         try:
-            if probe_video(root / rid / "video.mp4")["frames"] != run.frames:
+            (folder,) = root.glob(f"*{rid}")  # the store id is the owner's tag + the id
+            if probe_video(folder / "video.mp4")["frames"] != run.frames:
                 bad_video.append(rid)
         except Exception:
             bad_video.append(rid)

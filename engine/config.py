@@ -174,6 +174,13 @@ class LimitsConfig(_Base):
 
     max_frames: int = Field(default=512, ge=1, le=100_000)
     """A pose sequence with more frames than this is rejected."""
+    decode_isolated: bool = True
+    """Decode visual pose inputs (videos, GIFs, images) in a child process bounded by
+    ``decode_memory_mb`` and ``decode_timeout_s`` (engine.pose.isolated), never in this one."""
+    decode_memory_mb: int = Field(default=3072, ge=512, le=1 << 20)
+    """Address-space cap of the decoding child (MiB; Python, decoders and ffmpeg together)."""
+    decode_timeout_s: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    """The decoding child is killed after this many seconds."""
 
 
 class RefineConfig(_Base):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from PIL import Image
 
 from engine.config import ConfigError, RenderConfig
 from engine.pose import PoseSequence, load_poses, resample, validate
+from engine.pose.isolated import is_visual, load_poses_isolated
 from engine.refine import RefinedPrompt, RefineError, refine
 
 log = logging.getLogger(__name__)
@@ -54,17 +56,35 @@ def load_plate(path: Path, width: int, height: int) -> np.ndarray:
     return np.asarray(img).copy()
 
 
-def prepare_poses(config: RenderConfig) -> PoseSequence:
-    """Load, resample to the render's fps and size, and validate the spec's pose sequence."""
+def prepare_poses(
+    config: RenderConfig, cancelled: Callable[[], bool] | None = None
+) -> PoseSequence:
+    """Load, resample to the render's fps and size, and validate the spec's pose sequence.
+
+    A visual input is decoded in a bounded child process (``limits.decode_*``), stopped early
+    when ``cancelled()`` turns True."""
     if config.poses is None:
         raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
-    seq = load_poses(
-        config.poses,
-        max_frames=config.limits.max_frames,
-        kind=config.pose_kind,
-        extraction=config.pose_extraction,
-        cache_dir=cache_root(config),
-    )
+    lim = config.limits
+    if lim.decode_isolated and is_visual(config.poses):
+        seq = load_poses_isolated(
+            Path(config.poses),
+            memory_mb=lim.decode_memory_mb,
+            timeout_s=lim.decode_timeout_s,
+            cancelled=cancelled,
+            max_frames=lim.max_frames,
+            kind=config.pose_kind,
+            extraction=config.pose_extraction.model_dump(mode="json"),
+            cache_dir=str(cache_root(config)),
+        )
+    else:
+        seq = load_poses(
+            config.poses,
+            max_frames=lim.max_frames,
+            kind=config.pose_kind,
+            extraction=config.pose_extraction,
+            cache_dir=cache_root(config),
+        )
     seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
     validate(seq, max_frames=config.limits.max_frames)
     return seq

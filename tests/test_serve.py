@@ -76,9 +76,9 @@ def test_render_finishes_and_its_files_download(live, finished, tmp_path: Path):
         png = live.get(f"/v1/renders/{render_id}/{path}", headers=auth("alice"))
         assert png.status_code == 200 and png.content.startswith(PNG_MAGIC), path
     missing = live.get(f"/v1/renders/{render_id}/frames/3", headers=auth("alice"))
-    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_ready"
+    assert missing.status_code == 409 and missing.json()["error"]["code"] == "not_ready"
     metrics = live.get(f"/v1/renders/{render_id}/metrics", headers=auth("alice"))
-    assert metrics.status_code == 404  # not requested (metrics: false)
+    assert metrics.status_code == 409  # not requested (metrics: false)
 
 
 def test_video_range_requests(live, finished):
@@ -153,8 +153,14 @@ def test_put_with_client_id(paused):
     assert first.status_code == 202 and first.json()["id"] == "my-render_1"
     assert paused.put(url, json=body(seed=7), headers=auth("alice")).status_code == 200
     assert paused.put(url, json=body(seed=8), headers=auth("alice")).status_code == 409
-    taken = paused.put(url, json=body(seed=7), headers=auth("bob"))
-    assert taken.status_code == 409 and taken.json()["error"]["code"] == "id_taken"
+    # ids are per token: bob's PUT of alice's id answers exactly what a fresh id answers
+    taken = paused.put(url, json=body(seed=8), headers=auth("bob"))
+    fresh = paused.put("/v1/renders/never-used", json=body(seed=8), headers=auth("bob"))
+    assert taken.status_code == fresh.status_code == 202
+    assert set(taken.headers) - {"location"} == set(fresh.headers) - {"location"}
+    assert paused.get(url, headers=auth("alice")).json()["state"] == "queued"
+    for who, path in (("bob", url), ("bob", "/v1/renders/never-used")):
+        assert paused.delete(path, headers=auth(who)).status_code == 204
     bad = paused.put("/v1/renders/bad.id", json=body(), headers=auth("alice"))
     assert bad.status_code == 422 and bad.json()["error"]["field"] == "path.render_id"
     paused.delete(url, headers=auth("alice"))
@@ -162,8 +168,8 @@ def test_put_with_client_id(paused):
 
 def test_cancel_is_idempotent(paused):
     render_id = paused.post("/v1/renders", json=body(), headers=auth("bob")).json()["id"]
-    first = paused.delete(f"/v1/renders/{render_id}", headers=auth("bob"))
-    second = paused.delete(f"/v1/renders/{render_id}", headers=auth("bob"))
+    first = paused.post(f"/v1/renders/{render_id}/cancel", headers=auth("bob"))
+    second = paused.post(f"/v1/renders/{render_id}/cancel", headers=auth("bob"))
     assert first.status_code == second.status_code == 200
     assert first.json()["state"] == second.json()["state"] == "cancelled"
     assert (
@@ -174,7 +180,7 @@ def test_cancel_is_idempotent(paused):
 def test_list_newest_first_cursor_and_state_filter(paused):
     ids = [paused.post("/v1/renders", json=body(seed=i), headers=auth("bob")).json()["id"]
            for i in range(3)]  # fmt: skip
-    paused.delete(f"/v1/renders/{ids[1]}", headers=auth("bob"))
+    paused.post(f"/v1/renders/{ids[1]}/cancel", headers=auth("bob"))
     page = paused.get("/v1/renders?limit=2", headers=auth("bob")).json()
     assert [v["id"] for v in page["renders"]] == [ids[2], ids[1]]
     rest = paused.get(f"/v1/renders?limit=2&cursor={page['next_cursor']}", headers=auth("bob"))
@@ -295,9 +301,10 @@ def test_multipart_uploads_checked_by_content(paused, tmp_path: Path):
 def test_uploads_live_under_the_storage_root(paused):
     r = paused.post("/v1/renders", json=body(seed=11), headers=auth("bob"))
     render_id = r.json()["id"]
-    files = list((paused.root / ".uploads" / render_id).iterdir())
+    files = list(paused.root.glob(f".uploads/*{render_id}/*"))  # under the owner's store id
     assert len(files) == 1 and files[0].name.startswith("poses-") and files[0].suffix == ".json"
-    paused.delete(f"/v1/renders/{render_id}", headers=auth("bob"))
+    assert paused.delete(f"/v1/renders/{render_id}", headers=auth("bob")).status_code == 204
+    assert not files[0].parent.exists()
 
 
 def test_health_metrics_and_schema(live, finished):
@@ -336,8 +343,9 @@ def test_restart_resumes_unfinished_render(tmp_path: Path, tiny_chain):
     try:
         done = wait_state(client, render_id, "alice", {"done", "failed"}, timeout_s=90)
         assert done["state"] == "done" and done["frames_done"] == 8
-        manifest = json.loads((tmp_path / render_id / "manifest.json").read_text())
+        (folder,) = tmp_path.glob(f"*{render_id}")  # the store id: owner tag + id
+        manifest = json.loads((folder / "manifest.json").read_text())
         assert 1 <= manifest["resumed_from"] < 8
-        assert probe_video(tmp_path / render_id / "video.mp4")["frames"] == 8
+        assert probe_video(folder / "video.mp4")["frames"] == 8
     finally:
         service.close()

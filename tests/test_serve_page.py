@@ -1,6 +1,7 @@
 """The web page in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven
-by selenium) against the in-process app on a local uvicorn (127.0.0.1): submit the example dance,
-see progress reach 100 %, the video play, and cancel another render from the list.
+by selenium) against the in-process app on a local uvicorn (127.0.0.1), as a first-time user:
+the token hint, a ``#token=`` link in the open tab, submit the example dance, progress to 100 %,
+the video plays, prompts and thumbnails in the list, cancel and delete from it, the favicon.
 
 Skips (with the reason) where chromium or chromedriver is missing:
 ``apt-get update && apt-get install -y chromium chromium-driver``.
@@ -77,13 +78,25 @@ def wait_for(driver, condition, timeout_s: float, what: str):
     return WebDriverWait(driver, timeout_s, poll_frequency=0.2).until(condition, message=what)
 
 
-def test_page_submits_watches_plays_and_cancels(server, browser):
+def test_page_for_a_first_time_user(server, browser):
+    """No token: the hint says where one comes from; a #token= link opened in the same tab
+    later fills it in (hashchange); submit, watch, play; the list shows prompts and thumbnails;
+    cancel and delete from the list; the favicon loads."""
     from selenium.webdriver.common.by import By
 
     url, client = server
-    browser.get(f"{url}/#token={TOKENS['alice']}")
+    browser.get(url)
+    browser.execute_script("localStorage.clear();")
+    browser.get(url)
+    hint = browser.find_element(By.ID, "token-hint")
+    wait_for(browser, lambda d: hint.is_displayed(), 10, "the token hint shows without a token")
+    assert "avatar serve" in hint.text
+    browser.execute_script(f"location.hash = '#token={TOKENS['alice']}';")  # the tab stays open
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "#example option"), 20,
-             "example list loaded")  # fmt: skip
+             "example list loaded after #token=")  # fmt: skip
+    assert not hint.is_displayed() and "token" not in browser.current_url
+    browser.find_element(By.ID, "prompt").clear()
+    browser.find_element(By.ID, "prompt").send_keys("a <b>robot</b> dancing")
     browser.find_element(By.ID, "steps").clear()
     browser.find_element(By.ID, "steps").send_keys("2")
     browser.find_element(By.ID, "submit").click()
@@ -93,21 +106,36 @@ def test_page_submits_watches_plays_and_cancels(server, browser):
                "return v.src !== '' && !v.paused && v.readyState >= 2 && v.currentTime > 0;")  # fmt: skip
     wait_for(browser, lambda d: d.execute_script(playing), 60, "the video element plays")
     assert browser.find_element(By.ID, "state").text == "done"
+    row = "#renders tbody tr:first-child"
+    thumb = f"const i = document.querySelector('{row} img.thumb'); return i && i.naturalWidth;"
+    wait_for(browser, lambda d: d.execute_script(thumb), 20, "a thumbnail in the list")
+    prompt = browser.execute_script(
+        f"return document.querySelector('{row} td.prompt').textContent;"
+    )
+    assert prompt == "a <b>robot</b> dancing"  # shown as text, not markup
+    favicon = "const done = arguments[0]; fetch('/favicon.ico').then(r => done(r.status));"
+    assert browser.execute_async_script(favicon) == 200
     shot = os.environ.get("AVATAR_SCREENSHOT")
     if shot:
         Path(shot).parent.mkdir(parents=True, exist_ok=True)
         browser.save_screenshot(shot)
 
-    # Another render (long: 48 frames, 20 steps) is cancelled from the list.
+    # Another render (long: 48 frames, 20 steps) is cancelled, then deleted, from the list.
     long = client.post("/v1/renders", json={**body(frames=48), "steps": 20}, headers=auth("alice"))
     render_id = long.json()["id"]
     button = f"button[data-cancel='{render_id}']"
     wait_for(browser, lambda d: d.find_elements(By.CSS_SELECTOR, button), 20, "cancel button")
     # The list is redrawn every few seconds: find and click in one script (no stale element).
     browser.execute_script(f'document.querySelector("{button}").click();')
-    state = f"const c = document.querySelector(\"tr[data-id='{render_id}'] td:nth-child(2)\");" \
+    state = f"const c = document.querySelector(\"tr[data-id='{render_id}'] td:nth-child(3)\");" \
             "return c ? c.textContent : null;"  # fmt: skip
     wait_for(browser, lambda d: d.execute_script(state) == "cancelled", 20,
              "the list shows the render cancelled")  # fmt: skip
     view = client.get(f"/v1/renders/{render_id}", headers=auth("alice")).json()
     assert view["state"] == "cancelled" and view["frames_done"] < 48
+    browser.execute_script(
+        f"document.querySelector(\"button[data-delete='{render_id}']\").click();"
+    )
+    gone = f"return document.querySelector(\"tr[data-id='{render_id}']\") === null;"
+    wait_for(browser, lambda d: d.execute_script(gone), 20, "the deleted render leaves the list")
+    assert client.get(f"/v1/renders/{render_id}", headers=auth("alice")).status_code == 404

@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -72,6 +74,52 @@ def test_submit_over_http_and_download(app_url, tmp_path: Path):
         assert client.get("/v1/renders", headers={}).status_code == 401
 
 
+def engine_replica() -> Any:
+    """The engine replica's process (Ray titles it ``ray::ServeReplica:avatar:Engine``)."""
+    import psutil
+
+    for proc in psutil.process_iter(["cmdline"]):
+        if any("ServeReplica:avatar:Engine" in part for part in proc.info["cmdline"] or ()):
+            return proc
+    raise AssertionError("no engine replica process found")
+
+
+def test_hostile_uploads_leave_the_engine_replica_flat(app_url, tmp_path: Path):
+    """Decode bombs over HTTP: refused by header (10000x10000 GIF) or accepted and decoded in
+    the bounded child (2048x2048 x 12 GIF, 150 MB of frames); the engine replica's RSS, sampled
+    every 50 ms until the render failed, grows by less than 100 MB."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hostile import crafted_gif, honest_gif
+
+    url, _ = app_url
+    honest_gif(tmp_path / "big.gif", 2048, 12)
+    uploads = {
+        "bomb.gif": crafted_gif(10000, 10000, 4),
+        "big.gif": (tmp_path / "big.gif").read_bytes(),
+    }
+    engine = engine_replica()
+    start, peak, statuses = engine.memory_info().rss, 0, {}
+    request = json.dumps({"prompt": "a dancer", "steps": 2})
+    with httpx.Client(base_url=url, timeout=30) as client:
+        for name, data in uploads.items():
+            t0 = time.perf_counter()
+            files = {"request": (None, request), "poses": (name, data)}
+            r = client.post("/v1/renders", files=files, headers=auth("alice"))
+            statuses[name] = (r.status_code, round(time.perf_counter() - t0, 3))
+            assert r.status_code == (422 if name == "bomb.gif" else 202), r.text
+        render_id = r.json()["id"]
+        deadline = time.monotonic() + 180
+        while client.get(f"/v1/renders/{render_id}", headers=auth("alice")).json()["state"] not in (
+            "failed", "done"):  # fmt: skip
+            peak = max(peak, engine.memory_info().rss - start)
+            assert time.monotonic() < deadline, "the accepted upload did not end in 180 s"
+            time.sleep(0.05)
+        view = client.get(f"/v1/renders/{render_id}", headers=auth("alice")).json()
+    print(f"hostile over HTTP: {statuses}; engine replica RSS growth peak {peak >> 20} MB")
+    assert view["state"] == "failed" and "black" in view["error"], view
+    assert peak < 100 << 20, (peak >> 20, statuses)
+
+
 def test_engine_replica_killed_mid_render_finishes(app_url):
     from ray import serve
 
@@ -90,7 +138,8 @@ def test_engine_replica_killed_mid_render_finishes(app_url):
         ray.kill(actor, no_restart=True)  # Serve's controller starts a new replica
         view = wait_state(client, render_id, {"done", "failed"}, timeout_s=240)
         assert view["state"] == "done", view
-        manifest = json.loads((root / render_id / "manifest.json").read_text())
+        (folder,) = root.glob(f"*{render_id}")  # the store id: owner tag + id
+        manifest = json.loads((folder / "manifest.json").read_text())
         assert 1 <= manifest["resumed_from"] < 12  # resumed, not redone
-        assert probe_video(root / render_id / "video.mp4")["frames"] == 12
+        assert probe_video(folder / "video.mp4")["frames"] == 12
     assert serve.status().applications["avatar"].status == "RUNNING"

@@ -2,7 +2,11 @@
 
     serve run cluster/deploy/serve.yaml      # or: avatar serve [--config cluster/deploy/serve.yaml]
 
-Modules: config (ServeArgs, build_app), api (request/response models), service (the core behind
-owner checks, limits, quotas, idempotency), app (FastAPI routes), http (bodies, SSE, files),
-auth (tokens, quotas), uploads (pose inputs), telemetry (Prometheus), deployments (Serve).
+Modules, top-down (each imports only those below it): build (``build_app``, the Serve app),
+deployments (the Serve deployments), app (FastAPI routes) + schema (the exact OpenAPI schema),
+http (bodies, SSE, files), service (the core behind owner namespaces, limits, quotas,
+idempotency, deletion, retention), views (a render as the API shows it), backend (ingress →
+service), auth (tokens, quotas), uploads + inspect (pose inputs, their declared sizes), storage
+(owner ids, server secret, bytes stored), telemetry (Prometheus), api (request/response
+models), config (``ServeArgs``, data).
 """

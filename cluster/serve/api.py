@@ -63,7 +63,7 @@ class RenderRequest(_Strict):
     negative_prompt: str | None = Field(default=None, max_length=10_000)
     """Negative prompt (default: the preset's)."""
     seed: int = Field(default=0, ge=0, le=2**63 - 1)
-    fps: float | None = Field(default=None, gt=0.0, le=120.0)
+    fps: float | None = Field(default=None, ge=1.0, le=120.0)
     """Output fps (default: the pose sequence's)."""
     width: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
     height: int | None = Field(default=None, ge=64, le=2048, multiple_of=8)
@@ -78,21 +78,23 @@ class RenderRequest(_Strict):
     """Defaults from one of the presets the server allows (GET /v1/info)."""
     metrics: bool = False
     """Score the finished render (metrics.json, GET …/metrics)."""
-    example: str | None = Field(default=None, max_length=64)
-    """A built-in pose sequence by name (GET /v1/info lists them)."""
-    poses: dict[str, Any] | list[Any] | None = None
+    example: str = Field(default=None, max_length=64)  # type: ignore[assignment]
+    """A built-in pose sequence by name (GET /v1/info lists them); absent, never null."""
+    poses: dict[str, Any] | list[Any] = None  # type: ignore[assignment]
     """Inline poses: our poses.json object, or OpenPose JSON (an object with ``people`` or a
-    list of them, one per frame)."""
+    list of them, one per frame); absent, never null."""
 
 
 class Links(BaseModel):
     self: str
     events: str
+    cancel: str
+    """POST here to cancel (DELETE on ``self`` removes the render)."""
     video: str
     contact_sheet: str
     metrics: str
     frames: str
-    """Template: replace {i} with a frame index."""
+    """Prefix of the frames: append a frame index (0, 1, …)."""
 
 
 class RenderView(BaseModel):
@@ -100,6 +102,10 @@ class RenderView(BaseModel):
 
     id: str
     state: State
+    prompt: str
+    """The request's prompt."""
+    width: int
+    height: int
     frames_done: int
     frames_total: int
     progress: float
@@ -153,7 +159,8 @@ _REASONS = {
     400: "bad request (header, content)",
     401: "missing or unknown bearer token",
     404: "no such render for this token",
-    409: "the id exists with another request body",
+    405: "method not allowed (Allow names the methods)",
+    409: "the id exists with another request body, or the render has no such file yet",
     413: "request body too large",
     415: "unsupported media type",
     422: "invalid field (named in error.field)",

@@ -16,6 +16,7 @@ from fastapi import Depends, FastAPI, Header, Query, Request, Security
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -23,11 +24,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.serve import http
 from cluster.serve.api import (
     ApiError,
-    ErrorDetail,
-    ErrorResponse,
     Health,
     RenderList,
-    RenderRequest,
     RenderView,
     ServiceInfo,
     State,
@@ -36,29 +34,28 @@ from cluster.serve.api import (
 from cluster.serve.auth import TokenTable
 from cluster.serve.backend import Backend
 from cluster.serve.config import ServeArgs
+from cluster.serve.schema import exact_openapi, submit_body
+from cluster.serve.storage import MAX_CLIENT_ID
 from cluster.serve.telemetry import HttpMetrics
+from cluster.serve.uploads import EXAMPLES
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
-RenderId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
-_SUBMIT_BODY = {
-    "requestBody": {
-        "required": True,
-        "content": {
-            "application/json": {"schema": {"$ref": "#/components/schemas/RenderRequest"}},
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "required": ["request", "poses"],
-                    "properties": {
-                        "request": {"type": "string", "description": "RenderRequest as JSON"},
-                        "poses": {"type": "string", "format": "binary"},
-                    },
-                }
-            },
-        },
-    }
+RenderId = Annotated[
+    str, PathParam(min_length=1, max_length=MAX_CLIENT_ID, pattern=r"^[A-Za-z0-9_-]+$")
+]
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob:; "
+        "object-src 'none'; base-uri 'none'; frame-ancestors 'none'; form-action 'self'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cross-Origin-Opener-Policy": "same-origin",
 }
+"""Sent with every answer (API, page, files, errors)."""
+_SUBMIT_BODY = submit_body()
 _SUBMITTED = {
     200: {"model": RenderView, "description": "a repeat: the existing render"},
     202: {"model": RenderView, "description": "accepted; Location names the render"},
@@ -90,6 +87,7 @@ def _binary(media_type: str) -> dict[int | str, dict[str, Any]]:
     return {
         200: {"content": {media_type: {"schema": {"type": "string", "format": "binary"}}}},
         206: {"description": "partial content (Range)", "content": {media_type: {}}},
+        **error_responses(409),
         416: {"description": "range not satisfiable", "content": {"text/plain": {}}},
         **_READ_ERRORS,
     }
@@ -109,6 +107,13 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
     app.state.tokens = tokens
     app.state.http_metrics = metrics
     _errors(app, metrics)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next: Any) -> Any:
+        response = await call_next(request)
+        for name, value in SECURITY_HEADERS.items():
+            response.headers.setdefault(name, value)
+        return response
 
     async def submit(request: Request, who: str, render_id: str | None, key: str | None) -> Any:
         data, upload = await http.parse_submission(request, args.limits.max_body_bytes)
@@ -149,10 +154,19 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
         """State, progress, ETA, error and links of one render."""
         return await backend.call("get", who, render_id)
 
-    @app.delete("/v1/renders/{render_id}", response_model=RenderView, responses=_READ_ERRORS)
+    @app.post("/v1/renders/{render_id}/cancel", response_model=RenderView,
+              responses=_READ_ERRORS)  # fmt: skip
     async def cancel_render(render_id: RenderId, who: Owner) -> Any:
-        """Cancel a queued or running render (a no-op for finished ones)."""
+        """Cancel a queued or running render (a no-op for finished ones); it stays listed."""
         return await backend.call("cancel", who, render_id)
+
+    @app.delete("/v1/renders/{render_id}", status_code=204, response_class=Response,
+                response_model=None, responses={204: {"description": "removed"}, **_READ_ERRORS})  # fmt: skip
+    async def delete_render(render_id: RenderId, who: Owner) -> Any:
+        """Cancel the render if needed and remove it: its files, its pose upload and its entry
+        (then 404). Frames it used stay counted in the daily quota."""
+        await backend.call("delete", who, render_id)
+        return Response(status_code=204)
 
     @app.get("/v1/renders/{render_id}/events", response_class=http.EventStreamResponse,
              responses=_READ_ERRORS)  # fmt: skip
@@ -204,13 +218,15 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
         """The render's metrics.json (requests with ``metrics: true``)."""
         return http.JsonFileResponse(await artefact(who, render_id, "metrics"))
 
-    _service_routes(app, backend, metrics)
+    _service_routes(app, backend, metrics, tokens)
     _page(app)
-    _schema(app)
+    exact_openapi(app, args, sorted(EXAMPLES), tokens.metrics_required)
     return app
 
 
-def _service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> None:
+def _service_routes(
+    app: FastAPI, backend: Backend, metrics: HttpMetrics, tokens: TokenTable
+) -> None:
     @app.get("/healthz", response_model=Health)
     async def healthz() -> Any:
         """The ingress process is up."""
@@ -224,9 +240,16 @@ def _service_routes(app: FastAPI, backend: Backend, metrics: HttpMetrics) -> Non
             raise ApiError(503, "not_ready", f"engine not ready: {detail}", None, 5)
         return {"status": "ready", "detail": detail}
 
-    @app.get("/metrics", response_class=http.PrometheusResponse, responses=error_responses(503))
-    async def prometheus() -> Any:
-        """Prometheus text: renders by state, frames, stage latencies, rejects by reason."""
+    @app.get("/metrics", response_class=http.PrometheusResponse,
+             responses=error_responses(401, 503))  # fmt: skip
+    async def prometheus(
+        credentials: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    ) -> Any:
+        """Prometheus text: renders by state, frames, stage latencies, rejects by reason
+        (service-wide counts; behind the metrics token when one is configured)."""
+        if not tokens.metrics_allowed(credentials.credentials if credentials else None):
+            metrics.reject("auth")
+            raise ApiError(401, "unauthorized", "missing or unknown metrics token")
         text = await backend.call("metrics_text") + metrics.render()
         return Response(text, media_type=http.PrometheusResponse.media_type)
 
@@ -242,6 +265,10 @@ def _page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def index() -> Any:
         return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> Any:
+        return FileResponse(STATIC / "favicon.svg", media_type="image/svg+xml")
 
 
 def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
@@ -260,7 +287,10 @@ def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Any:
         code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code, "http_error")
-        return http.error_response(ApiError(error.status_code, code, str(error.detail)))
+        headers = dict(error.headers or {})
+        if error.status_code == 405:  # every method of the path, not only one route's
+            headers["Allow"] = ", ".join(_allowed(app, request.url.path))
+        return http.error_response(ApiError(error.status_code, code, str(error.detail)), headers)
 
     @app.exception_handler(Exception)
     async def internal(request: Request, error: Exception) -> Any:
@@ -268,23 +298,10 @@ def _errors(app: FastAPI, metrics: HttpMetrics) -> None:
         return http.error_response(ApiError(500, "internal", "internal error; see the server log"))
 
 
-def _schema(app: FastAPI) -> None:
-    """Add RenderRequest (used through openapi_extra) to the schema's components."""
-    original = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is not None:
-            return app.openapi_schema
-        schema = original()
-        defs = RenderRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        components.update(defs.pop("$defs", {}))
-        components["RenderRequest"] = defs
-        for model in (ErrorResponse, ErrorDetail):
-            error = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            error.pop("$defs", None)
-            components[model.__name__] = error
-        app.openapi_schema = schema
-        return schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+def _allowed(app: FastAPI, path: str) -> list[str]:
+    """The methods of every route matching ``path`` (the Allow of a 405)."""
+    methods: set[str] = set()
+    for route in app.routes:
+        if isinstance(route, APIRoute) and route.path_regex.match(path):
+            methods |= route.methods
+    return sorted(methods)

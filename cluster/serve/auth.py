@@ -1,4 +1,5 @@
-"""Bearer tokens (stored hashed, compared in constant time) and per-token quotas.
+"""Bearer tokens (stored hashed, compared in constant time) and per-token quotas (renders at
+once, frames per day, bytes stored) and retention.
 
 The token table keeps only SHA-256 digests; a presented token is hashed and compared with every
 digest (``hmac.compare_digest``, no early exit), so timing tells nothing about which prefix
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import sqlite3
 import threading
 import time
@@ -40,11 +42,26 @@ class TokenTable:
                     f"serve args: tokens[{i}] ({token.name}): give sha256 (64 hex digits) or token"
                 )
             self._entries.append((bytes.fromhex(digest), token.name))
+        secret = os.environ.get(args.metrics_env, "").strip()
+        digest = args.metrics_sha256 or (token_digest(secret) if secret else None)
+        self._metrics = bytes.fromhex(digest) if digest else None
         if self.required and not self._entries:
             raise ConfigError(
                 f"serve args: auth is on but no token is configured; add tokens or set "
                 f"${args.tokens_env}=name:token (or auth: false for local use)"
             )
+
+    @property
+    def metrics_required(self) -> bool:
+        """Whether ``GET /metrics`` needs the metrics token."""
+        return self._metrics is not None
+
+    def metrics_allowed(self, token: str | None) -> bool:
+        """Whether ``GET /metrics`` may answer: no metrics token configured, or this one."""
+        if self._metrics is None:
+            return True
+        presented = hashlib.sha256((token or "").strip().encode()).digest()
+        return bool(token) and hmac.compare_digest(presented, self._metrics)
 
     def owner(self, authorization: str | None) -> str | None:
         """The owner of a ``Bearer <token>`` header, or None (missing, malformed or unknown)."""
@@ -72,6 +89,7 @@ class QuotaLedger:
 
     def __init__(self, root: Path, args: ServeArgs):
         self.defaults = args.quotas
+        self.retention = args.storage.retention_days
         self.limits: dict[str, TokenConfig] = {t.name: t for t in args.tokens}
         self._lock = threading.Lock()
         self._db = sqlite3.connect(
@@ -94,6 +112,29 @@ class QuotaLedger:
         if token is not None and token.frames_per_day is not None:
             return token.frames_per_day
         return self.defaults.frames_per_day
+
+    def max_storage_bytes(self, owner: str) -> int:
+        token = self.limits.get(owner)
+        if token is not None and token.max_storage_bytes is not None:
+            return token.max_storage_bytes
+        return self.defaults.max_storage_bytes
+
+    def retention_days(self, owner: str) -> float | None:
+        """Days finished renders of ``owner`` are kept (None: until deleted)."""
+        token = self.limits.get(owner)
+        if token is not None and token.retention_days is not None:
+            return token.retention_days
+        return self.retention
+
+    def check_storage(self, owner: str, used: int) -> None:
+        """:class:`QuotaExceeded` when ``owner``'s renders and uploads occupy their quota."""
+        limit = self.max_storage_bytes(owner)
+        if used >= limit:
+            raise QuotaExceeded(
+                f"this token's renders and uploads occupy {used} bytes (storage quota {limit}); "
+                "DELETE renders you no longer need",
+                int(DAY_S),
+            )
 
     def check(self, owner: str, unfinished: int, frames: int, retry_after_s: int) -> None:
         """Raise :class:`QuotaExceeded` if ``owner`` may not submit ``frames`` more now."""

@@ -2,7 +2,9 @@
 through a Ray Serve ``DeploymentHandle`` to the engine deployment.
 
 Across a handle the service's :class:`ApiError` travels as a value (``{"__api_error__": …}``),
-never as a remote exception, and a lost engine replica becomes a 503 with Retry-After.
+never as a remote exception; so does any other exception of the service (a 500). Only a call the
+handle itself cannot complete (replica lost, restarting, overloaded) becomes a 503 with
+Retry-After.
 """
 
 from __future__ import annotations
@@ -30,17 +32,25 @@ class LocalBackend:
         self.service = service
 
     async def call(self, method: str, *args: Any) -> Any:
-        return await anyio.to_thread.run_sync(
-            functools.partial(getattr(self.service, method), *args)
+        result = await anyio.to_thread.run_sync(
+            functools.partial(wrap_errors, getattr(self.service, method), *args)
         )
+        if isinstance(result, dict) and ERROR_KEY in result:
+            raise ApiError(*result[ERROR_KEY])
+        return result
 
 
 def wrap_errors(fn: Any, *args: Any) -> Any:
-    """Run ``fn`` and turn an ApiError into a value (engine deployment side)."""
+    """Run ``fn`` and turn an ApiError into a value (engine deployment side). Any other
+    exception is a bug: logged here with its traceback, answered as a 500 without one, never as
+    the 503 + Retry-After that means "the engine is unavailable" (a client would retry forever)."""
     try:
         return fn(*args)
     except ApiError as e:
         return {ERROR_KEY: [e.status, e.code, e.message, e.field, e.retry_after_s]}
+    except Exception:
+        log.exception("engine method %s failed", getattr(fn, "__name__", fn))
+        return {ERROR_KEY: [500, "internal", "internal error; see the server log", None, None]}
 
 
 class HandleBackend:

@@ -1,7 +1,7 @@
-"""Settings of the render service (:class:`ServeArgs`) and its Ray Serve app builder.
+"""Settings of the render service (:class:`ServeArgs`), loaded from YAML.
 
-``cluster/deploy/serve.yaml`` references :func:`build_app` by ``import_path`` and passes
-``ServeArgs`` as ``args``; ``avatar serve`` builds the same app from a YAML of ``ServeArgs``.
+Data only: the Serve app builder that binds the deployments to these settings lives above them,
+in :mod:`cluster.serve.build` (``cluster/deploy/serve.yaml`` names it by ``import_path``).
 """
 
 from __future__ import annotations
@@ -35,6 +35,11 @@ class TokenConfig(_Base):
     """Unfinished renders this token may hold (None: ``quotas.max_concurrent``)."""
     frames_per_day: int | None = Field(default=None, ge=1, le=10_000_000)
     """Frames this token may submit per rolling 24 h (None: ``quotas.frames_per_day``)."""
+    max_storage_bytes: int | None = Field(default=None, ge=0, le=1 << 50)
+    """Bytes this token's renders and uploads may occupy (None: ``quotas.max_storage_bytes``)."""
+    retention_days: float | None = Field(default=None, gt=0.0, le=36_500.0)
+    """Finished renders of this token are removed this long after they ended (None:
+    ``storage.retention_days``)."""
 
     @field_validator("name")
     @classmethod
@@ -51,6 +56,8 @@ class QuotaConfig(_Base):
     """Unfinished (queued or running) renders one token may hold; past it → 429."""
     frames_per_day: int = Field(default=5000, ge=1, le=10_000_000)
     """Frames one token may submit per rolling 24 h; past it → 429 with Retry-After."""
+    max_storage_bytes: int = Field(default=10 << 30, ge=0, le=1 << 50)
+    """Bytes one token's renders (artefacts) and uploads may occupy; past it → 429 (delete some)."""
 
 
 class LimitConfig(_Base):
@@ -66,6 +73,14 @@ class LimitConfig(_Base):
     """Most denoising steps per frame."""
     max_prompt_chars: int = Field(default=500, ge=1, le=10_000)
     """Longest prompt (and negative prompt)."""
+    max_upload_pixels: int = Field(default=2048 * 2048, ge=64 * 64, le=4096 * 4096)
+    """Largest frame (width x height) a video/GIF upload may declare in its header (422 past
+    it, before anything is decoded)."""
+    max_upload_frames: int = Field(default=1024, ge=1, le=100_000)
+    """Most frames a video/GIF upload may declare (before resampling to the render's fps)."""
+    max_upload_megapixels: int = Field(default=256, ge=1, le=100_000)
+    """Most pixels (millions) of all the frames an upload declares together: bounds the time its
+    decode takes (about 20 Mpx/s on one core here) where the header states a frame count."""
 
 
 class IngressConfig(_Base):
@@ -79,11 +94,23 @@ class IngressConfig(_Base):
     """Requests waiting for a replica before Serve answers 503 (-1: unbounded; don't)."""
 
 
+class StorageConfig(_Base):
+    """Where renders live and how long finished ones are kept."""
+
+    root: Path = Path("out/serve")
+    """Storage root: the render store (renders.sqlite, one folder per render) and uploads."""
+    retention_days: float | None = Field(default=None, gt=0.0, le=36_500.0)
+    """Finished (done, failed, cancelled) renders are removed with their uploads this long after
+    they ended; None keeps them until DELETE. A token's ``retention_days`` overrides it."""
+    retention_check_s: float = Field(default=3600.0, ge=1.0, le=86_400.0)
+    """How often the engine looks for renders past their retention."""
+
+
 class ServeArgs(_Base):
     """Everything the render service needs; the ``args`` of the Serve config's application."""
 
-    storage: Path = Path("out/serve")
-    """Storage root: the render store (renders.sqlite, one folder per render) and uploads."""
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    """Storage root and retention (a plain path is read as ``{root: path}``)."""
     preset: str = "tiny"
     """Preset of the engine (model, cluster settings) every render uses."""
     presets: list[str] = Field(default_factory=lambda: ["tiny"])
@@ -108,6 +135,11 @@ class ServeArgs(_Base):
     """API tokens; more come from the environment variable ``tokens_env``."""
     tokens_env: str = "AVATAR_SERVE_TOKENS"
     """Environment variable with more tokens: ``name:token,name:token``."""
+    metrics_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    """Hex SHA-256 of a token that ``GET /metrics`` then requires (None: see ``metrics_env``)."""
+    metrics_env: str = "AVATAR_METRICS_TOKEN"
+    """Environment variable holding the metrics token; with neither set, /metrics is open
+    (it shows service-wide counts, no render ids or owners)."""
     quotas: QuotaConfig = Field(default_factory=QuotaConfig)
     limits: LimitConfig = Field(default_factory=LimitConfig)
     ingress: IngressConfig = Field(default_factory=IngressConfig)
@@ -126,9 +158,14 @@ class ServeArgs(_Base):
                 raise ValueError(f"character {name!r}: use 1-32 characters of A-Z, a-z, 0-9, _, -")
         return value
 
+    @field_validator("storage", mode="before")
+    @classmethod
+    def _storage_path(cls, value: Any) -> Any:
+        return {"root": value} if isinstance(value, str | Path) else value
+
     @property
     def root(self) -> Path:
-        return self.storage.resolve()
+        return self.storage.root.resolve()
 
     def engine_config(self) -> RenderConfig:
         """The engine settings; checks that every allowed preset uses the engine's model."""
@@ -160,28 +197,15 @@ def load_args(path: Path | None, **overrides: Any) -> ServeArgs:
             data = dict(raw["applications"][0].get("args") or {})
         else:
             data = dict(raw)
+    storage = overrides.pop("storage", None)
+    if storage is not None:  # a root given on the command line keeps the file's retention
+        given = data.get("storage")
+        data["storage"] = {**given, "root": storage} if isinstance(given, dict) else storage
     data.update({k: v for k, v in overrides.items() if v is not None})
     try:
         return ServeArgs.model_validate(data)
     except ValueError as e:
         raise ConfigError(f"serve config {path or '(defaults)'}: {e}") from None
-
-
-def build_app(args: dict[str, Any] | ServeArgs) -> Any:
-    """The Serve application: the HTTP ingress bound to the engine deployment."""
-    from cluster.serve.deployments import Engine, Ingress
-
-    args = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(args)
-    args.engine_config()  # fail at deploy time, not in a replica
-    data = args.model_dump(mode="json")
-    data["storage"] = str(args.root)
-    engine = Engine.bind(data)
-    ing = args.ingress
-    return Ingress.options(
-        num_replicas=ing.replicas,
-        max_ongoing_requests=ing.max_ongoing_requests,
-        max_queued_requests=ing.max_queued_requests,
-    ).bind(engine, data)
 
 
 def env_tokens(args: ServeArgs) -> list[TokenConfig]:

@@ -22,7 +22,18 @@ from cluster.serve.config import ServeArgs
 
 log = logging.getLogger(__name__)
 METHODS = frozenset(
-    {"submit", "get", "list", "cancel", "events", "artefact", "health", "metrics_text", "info"}
+    {
+        "submit",
+        "get",
+        "list",
+        "cancel",
+        "delete",
+        "events",
+        "artefact",
+        "health",
+        "metrics_text",
+        "info",
+    }
 )
 
 

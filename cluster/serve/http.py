@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from cluster.serve.api import ApiError, RenderRequest
 from cluster.serve.backend import Backend
+from cluster.serve.uploads import parse_json
 
 
 class Mp4Response(FileResponse):
@@ -37,8 +38,8 @@ class PrometheusResponse(StreamingResponse):
     media_type = "text/plain; version=0.0.4; charset=utf-8"
 
 
-def error_response(error: ApiError) -> JSONResponse:
-    headers = {}
+def error_response(error: ApiError, extra: dict[str, str] | None = None) -> JSONResponse:
+    headers = dict(extra or {})
     if error.retry_after_s is not None:
         headers["Retry-After"] = str(error.retry_after_s)
     if error.status == 401:
@@ -112,10 +113,7 @@ async def parse_submission(request: Request, limit: int) -> tuple[dict[str, Any]
 
 
 def _json(raw: bytes, field: str) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ApiError(400, "bad_json", f"{field} is not valid JSON: {e}", field) from None
+    data = parse_json(raw, field, 400, "bad_json")
     if not isinstance(data, dict):
         raise ApiError(422, "invalid", f"{field} must be a JSON object", field)
     return data

@@ -30,7 +30,7 @@ def start(args: ServeArgs, *, ready_timeout_s: float = 180.0, num_cpus: int | No
     import ray
     from ray import serve
 
-    from cluster.serve.config import build_app
+    from cluster.serve.build import build_app
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not ray.is_initialized():

@@ -1,14 +1,20 @@
 """The render service: one :class:`EngineCore` stepped on a background thread, behind the API's
-owner checks, limits, quotas and idempotency. Executor-agnostic (the Serve engine deployment
-gives it a RayExecutor; tests an InProcessExecutor) and free of HTTP: every method takes plain
-values, returns JSON-able data and raises :class:`ApiError`.
+owner namespaces, limits, quotas, idempotency, deletion and retention. Executor-agnostic (the
+Serve engine deployment gives it a RayExecutor; tests an InProcessExecutor) and free of HTTP:
+every method takes plain values, returns JSON-able data and raises :class:`ApiError`.
+
+Ids are per owner (:mod:`cluster.serve.storage`): every method takes the id the owner knows and
+works on ``tag(owner) + id`` in the store, so another owner's renders are simply not there.
+A visual pose upload is refused here by its declared size only; it is decoded by the core's
+loader in a bounded child process (``limits.decode_*`` of the engine config), and a decoding
+failure arrives as a ``failed`` render whose error names the reason.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -17,8 +23,10 @@ from typing import Any
 from cluster.serve.api import ApiError, RenderRequest
 from cluster.serve.auth import QuotaExceeded, QuotaLedger
 from cluster.serve.config import ServeArgs
+from cluster.serve.storage import MAX_CLIENT_ID, OwnerIds, server_secret, tree_bytes
 from cluster.serve.telemetry import EngineMetrics
-from cluster.serve.uploads import EXAMPLES, json_bytes, public_message, store_poses
+from cluster.serve.uploads import EXAMPLES, PoseInput, public_message, request_poses, store_poses
+from cluster.serve.views import view
 from engine.config import ConfigError, build_config, deep_merge, preset_dict
 from engine.core import (
     ConflictError,
@@ -30,38 +38,11 @@ from engine.core import (
     check_id,
     new_id,
 )
-from engine.core.store import FINAL_STATES, STATES
+from engine.core.store import FINAL_STATES, ID_PATTERN, STATES
 
 log = logging.getLogger(__name__)
 UNFINISHED = tuple(s for s in STATES if s not in FINAL_STATES)
 ARTEFACTS = {"video": "video.mp4", "contact-sheet": "contact_sheet.png", "metrics": "metrics.json"}
-
-
-def idempotent_id(owner: str, key: str) -> str:
-    """The render id of an ``Idempotency-Key`` (per owner; 32 hex digits)."""
-    return "k" + hashlib.sha256(f"{owner}\0{key}".encode()).hexdigest()[:31]
-
-
-def view(record: RenderRecord) -> dict[str, Any]:
-    """A store record as the API's RenderView."""
-    base = f"/v1/renders/{record.id}"
-    total, done = record.frames_total, record.frames_done
-    progress = 1.0 if record.state == "done" else (done / total if total else 0.0)
-    data = record.public()
-    for key in ("owner", "fingerprint", "priority"):
-        data.pop(key)
-    return {
-        **data,
-        "progress": round(progress, 4),
-        "links": {
-            "self": base,
-            "events": f"{base}/events",
-            "video": f"{base}/video",
-            "contact_sheet": f"{base}/contact-sheet",
-            "metrics": f"{base}/metrics",
-            "frames": f"{base}/frames/{{i}}",
-        },
-    }
 
 
 class RenderService:
@@ -79,9 +60,11 @@ class RenderService:
         self.store = RenderStore(self.root)
         self.quotas = QuotaLedger(self.root, args)
         self.core = EngineCore(self.config, self.store, executor, on_event=self.metrics.event)
+        self.ids = OwnerIds(server_secret(self.root))
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self.last_step = time.monotonic()
+        self._next_sweep = 0.0
         self.step_errors = 0
         self._thread = threading.Thread(target=self._loop, name="engine-step", daemon=True)
         if not args.paused:
@@ -98,6 +81,12 @@ class RenderService:
                 self.step_errors += 1
                 self._stop.wait(0.5)
             self.last_step = time.monotonic()
+            if self.last_step >= self._next_sweep:
+                self._next_sweep = self.last_step + self.args.storage.retention_check_s
+                try:
+                    self.sweep()
+                except Exception:
+                    log.exception("retention sweep failed")
 
     def close(self) -> None:
         self._stop.set()
@@ -120,36 +109,34 @@ class RenderService:
         req = RenderRequest.model_validate(request)
         self._check_limits(req)
         if render_id is not None:
-            try:
-                check_id(render_id)
-            except ConfigError as e:
-                raise ApiError(422, "invalid_id", str(e), "path.id") from None
-        rid = render_id or (idempotent_id(owner, idempotency_key) if idempotency_key else new_id())
+            self._check_client_id(render_id)
+        key = self.ids.idempotent(owner, idempotency_key) if idempotency_key else None
+        rid = self.ids.internal(owner, render_id or key or new_id())
         existing = self.store.get(rid)
-        if existing is not None and existing.owner != owner:
-            raise ApiError(409, "id_taken", f"render id {rid!r} is taken; choose another id")
-        path, fresh = store_poses(self.root, rid, self._pose_bytes(req, upload))
+        poses = self._poses(req, upload)
+        path, fresh = store_poses(self.root, rid, poses)
         try:
             config = self._config(req, path)
             frames = 0
             if existing is None:
-                frames = self._count_frames(config)
+                frames = self._frames(config, poses)
             with self._lock:
                 if self.store.get(rid) is not None:  # a repeat (or a concurrent twin)
                     self.core.submit(config, id=rid, owner=owner)
-                    return view(self.core.get(rid)), False
+                    return view(self.core.get(rid), self.root), False
                 unfinished = len(self.store.list(owner=owner, states=UNFINISHED, limit=100_000))
                 self.quotas.check(owner, unfinished, frames, self.args.retry_after_s)
+                self.quotas.check_storage(owner, self.stored_bytes(owner))
                 self.core.submit(config, id=rid, owner=owner)
                 self.quotas.record(owner, rid, frames)
         except ConflictError:
             self._forget(path, fresh)
             self.metrics.reject("conflict")
             raise ApiError(
-                409,
-                "conflict",
-                f"render {rid!r} exists with another request body; use a new id or key",
-            ) from None
+                409, "conflict",
+                f"render {OwnerIds.client(rid)!r} exists with another request body; use a new "
+                "id or key",
+            ) from None  # fmt: skip
         except QueueFullError as e:
             self._forget(path, fresh)
             self.metrics.reject("queue_full")
@@ -162,7 +149,19 @@ class RenderService:
             self._forget(path, fresh)
             raise
         self.metrics.submitted()
-        return view(self.core.get(rid)), True
+        return view(self.core.get(rid), self.root), True
+
+    @staticmethod
+    def _check_client_id(render_id: str) -> None:
+        try:
+            check_id(render_id)
+        except ConfigError as e:
+            raise ApiError(422, "invalid_id", str(e), "path.render_id") from None
+        if len(render_id) > MAX_CLIENT_ID:
+            raise ApiError(
+                422, "invalid_id", f"render ids have at most {MAX_CLIENT_ID} characters",
+                "path.render_id",
+            )  # fmt: skip
 
     def _check_limits(self, req: RenderRequest) -> None:
         lim = self.args.limits
@@ -190,29 +189,8 @@ class RenderService:
         if not req.prompt.strip():
             raise ApiError(422, "invalid", "prompt is blank; describe the character", "body.prompt")
 
-    def _pose_bytes(self, req: RenderRequest, upload: bytes | None) -> bytes:
-        given = [n for n, v in (("poses", req.poses), ("example", req.example), ("upload", upload))
-                 if v is not None]  # fmt: skip
-        if len(given) != 1:
-            raise ApiError(
-                422,
-                "poses",
-                f"give exactly one of inline poses, an example or a pose upload (got {given})",
-                "body.poses",
-            )
-        if upload is not None:
-            if not upload:
-                raise ApiError(422, "poses", "the pose upload is empty", "poses")
-            return upload
-        if req.example is not None:
-            if req.example not in EXAMPLES:
-                raise ApiError(
-                    422, "unknown_example",
-                    f"example {req.example!r} does not exist; choose one of {sorted(EXAMPLES)}",
-                    "body.example",
-                )  # fmt: skip
-            return EXAMPLES[req.example].read_bytes()
-        return json_bytes(req.poses)
+    def _poses(self, req: RenderRequest, upload: bytes | None) -> PoseInput:
+        return request_poses(req, upload, self.args.limits)
 
     def _config(self, req: RenderRequest, poses: Path) -> Any:
         data = preset_dict(req.preset or self.args.presets[0])
@@ -225,7 +203,10 @@ class RenderService:
             "alignment": req.alignment.model_dump(),
             "model": self.config.model.model_dump(mode="json"),
             "cluster": self.config.cluster.model_dump(mode="json"),
-            "limits": {"max_frames": self.args.limits.max_frames},
+            "limits": {
+                **self.config.limits.model_dump(),
+                "max_frames": self.args.limits.max_frames,
+            },
             "cache_dir": str(self.root / "cache"),
         }
         for key in ("negative_prompt", "fps", "width", "height"):
@@ -255,13 +236,17 @@ class RenderService:
             )  # fmt: skip
         return config
 
-    def _count_frames(self, config: Any) -> int:
+    def _frames(self, config: Any, poses: PoseInput) -> int:
+        """Frames the render will have: counted for JSON (cheap, in process), estimated from the
+        declaration for videos (decoded later by the core, in a bounded child process)."""
+        if poses.declared is not None:
+            return poses.frames_estimate(self.args.limits.max_frames)
         from engine.core.live import prepare_poses
         from engine.pose import PoseError
 
         try:
             return len(prepare_poses(config).keypoints)
-        except (PoseError, ConfigError, OSError, ValueError) as e:
+        except (PoseError, ConfigError, OSError, ValueError, RecursionError) as e:
             self.metrics.reject("invalid_poses")
             message = public_message(str(e), self.root)
             raise ApiError(422, "invalid_poses", message, "poses") from None
@@ -273,17 +258,19 @@ class RenderService:
             with contextlib.suppress(OSError):
                 path.parent.rmdir()
 
-    # -- read and cancel ----------------------------------------------------------------------
+    # -- read, cancel, delete -----------------------------------------------------------------
 
     def record(self, owner: str, render_id: str) -> RenderRecord:
-        """The caller's render, else 404 (another owner's render is not there for the caller)."""
-        record = self.store.get(render_id) if len(render_id) <= 64 else None
-        if record is None or record.owner != owner:
+        """The caller's render, else 404 (other owners' ids are a separate namespace)."""
+        record = None
+        if len(render_id) <= MAX_CLIENT_ID and ID_PATTERN.match(render_id):
+            record = self.store.get(self.ids.internal(owner, render_id))
+        if record is None:
             raise ApiError(404, "not_found", f"no render {render_id!r} for this token", "path.id")
         return record
 
     def get(self, owner: str, render_id: str) -> dict[str, Any]:
-        return view(self.record(owner, render_id))
+        return view(self.record(owner, render_id), self.root)
 
     def list(
         self, owner: str, states: list[str] | None, cursor: int | None, limit: int
@@ -294,18 +281,55 @@ class RenderService:
         more = len(records) > limit
         records = records[:limit]
         return {
-            "renders": [view(r) for r in records],
+            "renders": [view(r, self.root) for r in records],
             "next_cursor": records[-1].seq if more and records else None,
         }
 
     def cancel(self, owner: str, render_id: str) -> dict[str, Any]:
-        self.record(owner, render_id)
-        return view(self.core.cancel(render_id))
+        record = self.record(owner, render_id)
+        return view(self.core.cancel(record.id), self.root)
+
+    def delete(self, owner: str, render_id: str) -> None:
+        """Cancel the render if needed and remove its artefacts, upload and row (then 404).
+        The frames it used stay counted in the daily quota."""
+        self._remove(self.record(owner, render_id).id)
+
+    def _remove(self, rid: str) -> None:
+        try:
+            self.core.delete(rid)
+        except TimeoutError as e:
+            raise ApiError(503, "busy", f"{e}; retry", None, self.args.retry_after_s) from None
+        uploads = self.root / ".uploads" / rid
+        if uploads.exists():
+            shutil.rmtree(uploads)
+        self.metrics.deleted()
+
+    def sweep(self, now: float | None = None) -> list[str]:
+        """Remove finished renders past their owner's retention → their store ids."""
+        now = time.time() if now is None else now
+        removed = []
+        for record in self.store.list(states=tuple(FINAL_STATES), limit=1_000_000):
+            days = self.quotas.retention_days(record.owner)
+            if days is not None and record.updated < now - days * 86_400:
+                self._remove(record.id)
+                removed.append(record.id)
+        if removed:
+            log.info("retention removed %d renders", len(removed))
+        return removed
+
+    def stored_bytes(self, owner: str) -> int:
+        """Bytes of ``owner``'s render folders and uploads."""
+        total = 0
+        for record in self.store.list(owner=owner, limit=1_000_000):
+            total += tree_bytes(self.store.folder(record.id))
+            total += tree_bytes(self.root / ".uploads" / record.id)
+        return total
 
     def events(self, owner: str, render_id: str, after: int | None) -> dict[str, Any]:
         record = self.record(owner, render_id)
-        events = self.core.events(render_id, after)
+        events = self.core.events(record.id, after)
         for event in events:
+            event["render_id"] = render_id
             if event.get("error"):
                 event["error"] = public_message(str(event["error"]), self.root)
         return {"events": events, "final": record.final, "state": record.state}
@@ -314,7 +338,7 @@ class RenderService:
         """Path of one of the render's files (``video``, ``contact-sheet``, ``metrics``,
         ``frame``), else 404 naming why."""
         record = self.record(owner, render_id)
-        folder = self.store.folder(render_id)
+        folder = self.store.folder(record.id)
         if kind == "frame":
             path = folder / "frames" / f"{index:06d}.png"
             ready = index < record.frames_done or record.state == "done"
@@ -324,7 +348,7 @@ class RenderService:
         if not ready or not path.is_file():
             what = f"frame {index}" if kind == "frame" else kind
             why = f"it is {record.state}" if not ready else "it was not made (see the request)"
-            raise ApiError(404, "not_ready", f"render {render_id!r} has no {what}: {why}")
+            raise ApiError(409, "not_ready", f"render {render_id!r} has no {what}: {why}")
         return str(path)
 
     # -- health -------------------------------------------------------------------------------

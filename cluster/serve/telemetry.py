@@ -35,6 +35,7 @@ class EngineMetrics:
             "avatar_render_seconds", "Submit to done", buckets=STAGE_BUCKETS, registry=r
         )
         self.submits = Counter("avatar_submits", "Renders accepted", registry=r)
+        self.deletes = Counter("avatar_deletes", "Renders removed (DELETE, retention)", registry=r)
         self.rejects = Counter(
             "avatar_rejects", "Submissions refused by reason", ["reason"], registry=r
         )
@@ -62,6 +63,9 @@ class EngineMetrics:
 
     def submitted(self) -> None:
         self.submits.inc()
+
+    def deleted(self) -> None:
+        self.deletes.inc()
 
     def reject(self, reason: str) -> None:
         self.rejects.labels(reason).inc()

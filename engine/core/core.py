@@ -39,6 +39,7 @@ from engine.core.executor import (
 )
 from engine.core.faults import classify, describe
 from engine.core.live import LiveRender, finalize, load_render, save_prepared
+from engine.core.outputs import remove_render
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
 from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
 
@@ -178,6 +179,25 @@ class EngineCore:
                 self._end(render_id, "cancelled")
             return self.get(render_id)
 
+    def delete(self, render_id: str, timeout_s: float = 60.0) -> None:
+        """Cancel the render if it is unfinished, wait until nothing works on it (its load,
+        frame writes and encoding hand back), then remove its files and row
+        (:func:`~engine.core.outputs.remove_render`). ``TimeoutError`` after ``timeout_s``."""
+        self.cancel(render_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                self._take_loaded()
+                self._take_written()
+                self._take_finished()
+                busy = (self._live, self._loading, self._finishing, self._writing)
+                if not any(render_id in b for b in busy):
+                    remove_render(self.store, render_id)
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"render {render_id!r} still busy after {timeout_s:.0f} s")
+            self._doorbell.wait(0.05)
+
     def get(self, render_id: str) -> RenderRecord:
         record = self.store.get(render_id)
         if record is None:
@@ -247,9 +267,14 @@ class EngineCore:
         self._loading.add(render_id)
         store, model = self.store, self.config.model
 
+        def ended() -> bool:  # cancelled or deleted while loading: stop decoding its poses
+            record = store.get(render_id)
+            return record is None or record.final
+
         def load() -> None:
             try:
-                self._loaded.put((render_id, load_render(store, render_id, config, model)))
+                live = load_render(store, render_id, config, model, cancelled=ended)
+                self._loaded.put((render_id, live))
             except BaseException as e:
                 self._loaded.put((render_id, e))
             self._doorbell.set()

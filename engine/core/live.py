@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,16 +119,21 @@ class LiveRender:
 
 
 def load_render(
-    store: RenderStore, render_id: str, config: RenderConfig, model: ModelConfig
+    store: RenderStore,
+    render_id: str,
+    config: RenderConfig,
+    model: ModelConfig,
+    cancelled: Callable[[], bool] | None = None,
 ) -> LiveRender:
     """Lock the render's folder, load its poses, find its resume point and reuse what it
-    persisted (loader thread). Raises input faults (bad poses, changed inputs)."""
+    persisted (loader thread). Raises input faults (bad poses, changed inputs). A pose decode
+    in progress stops when ``cancelled()`` turns True."""
     from engine.models.registry import model_name
 
     start_time = time.perf_counter()
     store.lock(render_id)
     out = store.folder(render_id)
-    poses = prepare_poses(config)
+    poses = prepare_poses(config, cancelled)
     name = model_name(model)
     hashes = input_hashes(config, poses, name)
     open_folder(out)

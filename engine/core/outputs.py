@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +31,26 @@ import engine
 from engine.chain import frame_seed
 from engine.config import RenderConfig
 from engine.core.faults import InputsChangedError
+from engine.core.store import RenderStore
 from engine.files import atomic_json, replace_with
 from engine.pose import PoseSequence, overlay_pose
 from engine.video import VideoWriter, contact_sheet, load_png, save_png
 
 SUBFOLDERS = ("frames", "poses", "latents", "masks")
+
+
+def remove_render(store: RenderStore, render_id: str) -> None:
+    """Remove a render for good: its folder (every artefact), then its index row and events.
+
+    The folder goes first, so a crash in between leaves a row of a final render (never resumed)
+    rather than an orphan folder a new render of the same id would find. The caller makes sure
+    nothing works on the render (:meth:`EngineCore.delete`).
+    """
+    folder = store.folder(render_id)
+    store.unlock(render_id)
+    if folder.exists():
+        shutil.rmtree(folder)
+    store.delete(render_id)
 
 
 def frames_persisted(out: Path, total: int) -> int:

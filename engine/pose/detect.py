@@ -49,6 +49,7 @@ LIMB_VALUES = (120, 185)  # 0.6 x 255 = 153 ± compression
 JOINT_VALUE = 215
 SAMPLE_FRAMES = 5
 MAX_SCAN_FRAMES = 48  # frames buffered while looking for non-blank ones
+MAX_SCAN_BYTES = 256 << 20  # ... and at most this many bytes of them (large frames: fewer)
 MIN_SKELETON_VOTES = 0.8
 LIMB_SHARE = (0.2, 0.95)
 
@@ -133,7 +134,8 @@ def detect_kind(frames: Iterator[np.ndarray]) -> tuple[Detection, list[np.ndarra
 
     Args:
         frames: ``(H, W, 3)`` uint8 RGB frames in time order (consumed up to
-            :data:`MAX_SCAN_FRAMES` or :data:`SAMPLE_FRAMES` non-blank ones).
+            :data:`MAX_SCAN_FRAMES` frames, :data:`MAX_SCAN_BYTES` bytes of them, or
+            :data:`SAMPLE_FRAMES` non-blank ones).
 
     Returns:
         ``(detection, read)``: ``read`` holds the frames consumed, to be processed before the rest
@@ -141,10 +143,13 @@ def detect_kind(frames: Iterator[np.ndarray]) -> tuple[Detection, list[np.ndarra
     """
     read: list[np.ndarray] = []
     votes = {"skeleton": 0, "rgb": 0, "blank": 0}
+    held = 0
     for frame in frames:
         read.append(frame)
+        held += frame.nbytes
         votes[frame_kind(frame)] += 1
-        if votes["skeleton"] + votes["rgb"] >= SAMPLE_FRAMES or len(read) >= MAX_SCAN_FRAMES:
+        enough = votes["skeleton"] + votes["rgb"] >= SAMPLE_FRAMES
+        if enough or len(read) >= MAX_SCAN_FRAMES or held >= MAX_SCAN_BYTES:
             break
     seen = votes["skeleton"] + votes["rgb"]
     if seen == 0:

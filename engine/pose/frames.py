@@ -4,11 +4,19 @@ One reader for both uses of a visual pose input: decoding a rendered skeleton ba
 (:mod:`engine.pose.video`) and estimating poses on a driving RGB video (:mod:`engine.pose.extract`).
 Videos go through imageio-ffmpeg and are streamed (a long 1080p video is never held in memory);
 GIFs through Pillow; folders are read in natural order (``frame_2`` before ``frame_10``).
+
+Every reader checks the frame size a file declares before decoding a pixel: more than
+:data:`MAX_PIXELS` per frame raises :class:`PoseError` naming the size and the cap, and a GIF's
+decoded frames are held only up to :data:`MAX_DECODED_BYTES`. Pillow's own decompression-bomb
+limit is set here deliberately to the same cap (``Image.MAX_IMAGE_PIXELS``; Pillow refuses past
+twice it) as a backstop. These bound a decode's memory; for untrusted files decode in a bounded
+child process as well (:mod:`engine.pose.isolated`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,6 +27,12 @@ from PIL import Image, ImageSequence, UnidentifiedImageError
 
 from engine.pose.sequence import PoseError
 
+log = logging.getLogger(__name__)
+MAX_PIXELS = 4096 * 4096
+"""Largest frame (width x height) any reader decodes; a 4096x4096 RGB frame is 48 MiB."""
+MAX_DECODED_BYTES = 1 << 30
+"""Most bytes of decoded RGB frames a GIF reader holds at once."""
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow warns past it and raises past twice it
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mov", ".mkv")
 IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 # GIF delays are whole centiseconds; these frame rates are preferred when snapping a delay back.
@@ -88,8 +102,31 @@ def limit_frames(frames: Iterator[np.ndarray], path: Path, max_frames: int) -> I
         raise PoseError(f"{path}: holds no frames; give a video with at least one frame")
 
 
+def check_size(path: Path, width: int, height: int) -> None:
+    """:class:`PoseError` unless a ``width`` x ``height`` frame is within :data:`MAX_PIXELS`."""
+    if width < 1 or height < 1 or width * height > MAX_PIXELS:
+        raise PoseError(
+            f"{path}: declares {width}x{height} frames; pose inputs may have at most "
+            f"{MAX_PIXELS} pixels per frame (4096x4096): scale it down"
+        )
+
+
+def _ffmpeg_reason(exc: BaseException) -> str:
+    """ffmpeg's last error line, without its version/build banner or file paths (logged whole)."""
+    log.info("ffmpeg: %s", exc)
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    for line in reversed(lines):
+        low = line.lower()
+        if not any(w in low for w in ("version", "configuration", "built with", "lib")):
+            return re.sub(r"(?<![\w.])/[\w.@+/-]+", "<file>", line)[:200]
+    return "unreadable"
+
+
 def open_video(path: Path, *, fps: float = 8.0) -> FrameSource:
-    """Open a video (.mp4/.webm/...) with ffmpeg; ``fps`` is used only when the file has none."""
+    """Open a video (.mp4/.webm/...) with ffmpeg; ``fps`` is used only when the file has none.
+
+    The frame size from the header is checked (:func:`check_size`) before a frame is decoded.
+    """
     import imageio_ffmpeg  # here: engine imports this module where it is absent
 
     try:
@@ -98,8 +135,13 @@ def open_video(path: Path, *, fps: float = 8.0) -> FrameSource:
         width, height = (int(v) for v in meta["size"])
     except (OSError, RuntimeError, StopIteration, KeyError, ValueError) as exc:
         raise PoseError(
-            f"{path}: ffmpeg cannot read it as a video ({exc}); check the file"
-        ) from exc
+            f"{path}: ffmpeg cannot read it as a video ({_ffmpeg_reason(exc)}); check the file"
+        ) from None
+    try:
+        check_size(path, width, height)
+    except PoseError:
+        gen.close()
+        raise
     file_fps = float(meta.get("fps") or 0.0)
 
     def frames() -> Iterator[np.ndarray]:
@@ -107,7 +149,9 @@ def open_video(path: Path, *, fps: float = 8.0) -> FrameSource:
             for buf in gen:
                 yield np.frombuffer(buf, dtype=np.uint8).reshape(height, width, 3)
         except (OSError, RuntimeError, ValueError) as exc:
-            raise PoseError(f"{path}: decoding the video failed ({exc}); check the file") from exc
+            raise PoseError(
+                f"{path}: decoding the video failed ({_ffmpeg_reason(exc)}); check the file"
+            ) from None
         finally:
             gen.close()
 
@@ -137,14 +181,21 @@ def open_gif(path: Path, *, max_frames: int = 512, fps: float = 8.0) -> FrameSou
     delays: list[int] = []
     try:
         with Image.open(path) as im:
+            check_size(path, *im.size)
+            budget = MAX_DECODED_BYTES // (im.size[0] * im.size[1] * 3)
             comment = _GIF_FPS_COMMENT.search(im.info.get("comment", b"") or b"")
             for frame in ImageSequence.Iterator(im):
                 if len(frames) >= max_frames:
                     raise PoseError(f"{path}: has more than max_frames={max_frames} frames")
+                if len(frames) >= budget:
+                    raise PoseError(
+                        f"{path}: {im.size[0]}x{im.size[1]} x more than {budget} frames exceed "
+                        f"{MAX_DECODED_BYTES >> 20} MiB of decoded frames; shorten or shrink it"
+                    )
                 delays.append(int(frame.info.get("duration", 0) or 0))
                 frames.append(np.asarray(frame.convert("RGB")))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise PoseError(f"{path}: Pillow cannot read it as a GIF ({exc}); check the file") from exc
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise PoseError(f"{path}: Pillow cannot read it as a GIF ({exc}); check the file") from None
     if not frames:
         raise PoseError(f"{path}: holds no frames; give a GIF with at least one frame")
     positive = [d for d in delays if d > 0]
@@ -160,11 +211,13 @@ def open_gif(path: Path, *, max_frames: int = 512, fps: float = 8.0) -> FrameSou
 
 
 def _read_image(file: Path) -> np.ndarray:
+    """One image as ``(H, W, 3)`` uint8 RGB; its declared size is checked before decoding."""
     try:
         with Image.open(file) as im:
+            check_size(file, *im.size)
             return np.asarray(im.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as exc:
-        raise PoseError(f"{file}: cannot read it as an image ({exc}); check the file") from exc
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise PoseError(f"{file}: cannot read it as an image ({exc}); check the file") from None
 
 
 def open_images(path: Path, files: list[Path], *, fps: float = 8.0) -> FrameSource:

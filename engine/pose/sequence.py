@@ -21,6 +21,7 @@ from engine.pose.skeleton import JOINT_NAMES, NUM_JOINTS
 # detectors and interpolation put wrists and ankles a hair past the border.
 RANGE_TOLERANCE_PX = 1.0
 RANGE_TOLERANCE_FRAC = 0.01
+MAX_RESAMPLED_FRAMES = 100_000  # resampling in time never makes more frames than this
 
 
 class PoseError(ValueError):
@@ -200,6 +201,17 @@ def resample(
             raise PoseError(f"{_where(seq)}: target {name} {value!r} must be >= 1 pixel")
     kp = seq.keypoints
     new_fps = float(fps) if fps is not None else seq.fps
+    frames_out = len(kp) * new_fps / seq.fps
+    if not (math.isfinite(frames_out) and math.isfinite(seq.fps / new_fps)):
+        raise PoseError(
+            f"{_where(seq)}: target fps {fps!r} is too far from the input's {seq.fps:g} fps to "
+            "resample; give an fps between 1 and 120"
+        )
+    if frames_out > MAX_RESAMPLED_FRAMES:
+        raise PoseError(
+            f"{_where(seq)}: {len(kp)} frames at {seq.fps:g} fps resampled to {new_fps:g} fps "
+            f"would be {frames_out:.3g} frames (at most {MAX_RESAMPLED_FRAMES}); lower the fps"
+        )
     if new_fps != seq.fps:
         kp = _resample_time(kp, seq.fps, new_fps)
     new_w = int(width) if width is not None else seq.width

@@ -165,36 +165,98 @@ async function finished(id, state, scored) {
 }
 
 async function cancel(id) {
-  try { await api(`/v1/renders/${id}`, { method: "DELETE" }); } catch (e) { $("message").textContent = e.message; }
+  try { await api(`/v1/renders/${id}/cancel`, { method: "POST" }); } catch (e) { $("message").textContent = e.message; }
   refreshList();
 }
 
+async function remove(id) {
+  try { await api(`/v1/renders/${id}`, { method: "DELETE" }); } catch (e) { $("message").textContent = e.message; }
+  if (thumbs.has(id)) { URL.revokeObjectURL(thumbs.get(id)); thumbs.delete(id); }
+  if (watching && watching.id === id) { watching.controller.abort(); watching = null; $("current").hidden = true; }
+  refreshList();
+}
+
+const thumbs = new Map(); // render id -> blob URL of its first frame (fetched once)
+
+function cell(row, ...children) {
+  const td = row.insertCell();
+  td.append(...children);
+  return td;
+}
+
+function button(label, kind, id) {
+  const b = document.createElement("button");
+  b.type = "button";
+  b.className = `small ${kind}`;
+  b.textContent = label;
+  b.dataset[kind] = id;
+  return b;
+}
+
+function thumbnail(r) {
+  const img = document.createElement("img");
+  img.className = "thumb";
+  img.alt = "";
+  if (thumbs.has(r.id)) img.src = thumbs.get(r.id);
+  else if (r.frames_done > 0) {
+    thumbs.set(r.id, "");
+    blobUrl(`${r.links.frames}0`).then((u) => { thumbs.set(r.id, u); img.src = u; }).catch(() => thumbs.delete(r.id));
+  }
+  return img;
+}
+
+function renderRow(body, r) {
+  const row = body.insertRow();
+  row.dataset.id = r.id;
+  cell(row, thumbnail(r));
+  const link = document.createElement("a");
+  link.href = "#";
+  link.dataset.watch = r.id;
+  link.textContent = r.prompt; // text, never HTML: prompts are user input
+  link.title = `${r.id}: ${r.prompt}`;
+  cell(row, link).className = "prompt";
+  cell(row, r.state).className = `state-${r.state}`;
+  cell(row, `${r.frames_done} / ${r.frames_total}`);
+  cell(row, new Date(r.created * 1000).toLocaleTimeString());
+  const actions = FINAL.has(r.state) ? [] : [button("cancel", "cancel", r.id), " "];
+  cell(row, ...actions, button("delete", "delete", r.id));
+}
+
 async function refreshList() {
+  $("token-hint").hidden = Boolean(token());
   if (!token()) return;
   try {
     const list = await (await api("/v1/renders?limit=50")).json();
-    const rows = list.renders.map((r) => {
-      const when = new Date(r.created * 1000).toLocaleTimeString();
-      const button = FINAL.has(r.state) ? "" : `<button class="small cancel" data-cancel="${r.id}">cancel</button>`;
-      return `<tr data-id="${r.id}"><td><a href="#" data-watch="${r.id}"><code>${r.id}</code></a></td>` +
-        `<td class="state-${r.state}">${r.state}</td><td>${r.frames_done} / ${r.frames_total}</td><td>${when}</td><td>${button}</td></tr>`;
-    });
-    $("renders").tBodies[0].innerHTML = rows.join("");
-  } catch (e) { $("message").textContent = `list: ${e.message}`; }
+    const body = document.createElement("tbody");
+    for (const r of list.renders) renderRow(body, r);
+    $("renders").tBodies[0].replaceWith(body);
+  } catch (e) {
+    $("message").textContent = `list: ${e.message}`;
+    if (e.message.startsWith("missing or unknown bearer token")) $("token-hint").hidden = false;
+  }
+}
+
+function tokenFromHash() {
+  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
+  if (!fromHash) return false;
+  localStorage.setItem("avatar-token", fromHash);
+  history.replaceState(null, "", location.pathname);
+  $("token").value = fromHash;
+  return true;
 }
 
 function init() {
-  const fromHash = new URLSearchParams(location.hash.slice(1)).get("token");
-  if (fromHash) { localStorage.setItem("avatar-token", fromHash); history.replaceState(null, "", location.pathname); }
-  $("token").value = fromHash || localStorage.getItem("avatar-token") || "";
+  if (!tokenFromHash()) $("token").value = localStorage.getItem("avatar-token") || "";
   $("token").addEventListener("change", () => { localStorage.setItem("avatar-token", token()); loadInfo(); refreshList(); });
+  window.addEventListener("hashchange", () => { if (tokenFromHash()) { loadInfo(); refreshList(); } });
   $("form").addEventListener("submit", submit);
   $("refresh").addEventListener("click", refreshList);
   $("renders").addEventListener("click", (event) => {
-    const target = event.target.closest("[data-cancel],[data-watch]");
+    const target = event.target.closest("[data-cancel],[data-delete],[data-watch]");
     if (!target) return;
     event.preventDefault();
     if (target.dataset.cancel) cancel(target.dataset.cancel);
+    else if (target.dataset.delete) remove(target.dataset.delete);
     else watch(target.dataset.watch, false);
   });
   loadInfo();
