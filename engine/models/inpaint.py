@@ -91,9 +91,13 @@ INPAINT_REGISTRY: dict[str, Callable[[ModelConfig, DiffusionComponents], UNet2DC
 
 
 def _micro_inpaint(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
-    from engine.models.micro import load_micro_inpaint
+    """The micro preset's trained 9-channel inpainting UNet (shipped with its weights)."""
+    from engine.micro import arch
+    from engine.models.registry import micro_weights
 
-    return load_micro_inpaint(config, parts)
+    unet = arch.build_unet(9)
+    unet.load_state_dict(micro_weights()[0]["inpaint_unet"])
+    return unet
 
 
 def build_inpaint_unet(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:

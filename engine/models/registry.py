@@ -9,6 +9,7 @@ single checkpoint file (:mod:`engine.models.real`).
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -318,19 +319,51 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
     return _finish(parts)
 
 
+def load_micro(config: ModelConfig) -> DiffusionComponents:
+    """The ``micro`` preset: the VAE, UNet, ControlNet and text encoder this project trained on
+    procedural dancers (:mod:`engine.micro`; weights shipped in ``engine/micro/weights/``, float16
+    on disk, float32 here)."""
+    from engine.micro import arch
+
+    states, meta = micro_weights()
+
+    def load(module: torch.nn.Module, name: str) -> Any:
+        module.load_state_dict(states[name])
+        return module
+
+    tokenizer = arch.build_tokenizer(meta.get("tokenizer", "offline"))
+    parts = DiffusionComponents(
+        unet=load(arch.build_unet(), "unet"),
+        controlnet=load(arch.build_controlnet(), "controlnet"),
+        vae=load(arch.build_vae(meta["scaling_factor"]), "vae"),
+        text_encoder=load(arch.build_text_encoder(tokenizer), "text_encoder"),
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler.from_config(arch.SCHEDULER),
+        device=resolve_device(config.device),
+        dtype=torch.float32,
+        name=model_name(config),
+    )
+    return _finish(parts)
+
+
+@functools.lru_cache(maxsize=1)
+def micro_weights() -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]:
+    """The shipped micro weights (``{module: state}``, meta), read once per process."""
+    from engine.micro import arch
+
+    try:
+        return arch.load_weights()
+    except FileNotFoundError as e:
+        raise WeightsNotFoundError(str(e)) from None
+
+
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionComponents]] = {
     "tiny": build_random,
     "small": build_random,
     "sd15": load_sd15,
     "sd15-random": build_sd15_random,
-    "micro": lambda config: _micro().load_micro(config),
+    "micro": load_micro,
 }
-
-
-def _micro():  # type: ignore[no-untyped-def]
-    from engine.models import micro  # imports this module: loaded on first use
-
-    return micro
 
 
 def cpu_threads(config: ModelConfig) -> int:
