@@ -88,6 +88,8 @@ CHECKS: tuple[tuple[str, str, str, str], ...] = (
     ("inter-frame kv+latent", "inter_kv_latent", "no_inter", "body_hist_l1"),
 )
 """(module, variant with it, variant without it, metric that the paper says goes down)."""
+SMALL = 0.05
+"""A mean change of at most this fraction of the value without the module counts as none."""
 MICRO_NOTES = (
     "Figure IoU: the shipped segmenter's figure mask vs the pose body mask (0..1). Colour right: "
     "share of frames whose torso colour classifies as the prompt's colour word. Body hist L1: "
@@ -185,7 +187,7 @@ def check_directions(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "metric": metric,
             "with_value": a,
             "without_value": b,
-            "as_paper": None if a is None or b is None else bool(a < b),
+            "as_paper": None if a is None or b is None else bool(a < b - SMALL * abs(b)),
             "cases_lower": sum(x < y for x, y in pairs),
             "cases": len(pairs),
         })  # fmt: skip
@@ -266,12 +268,15 @@ def format_checks(checks: list[dict[str, Any]]) -> str:
         metric = labels.get(c["metric"], c["metric"])
         nums = f"{_cell(c['with_value'])} with vs {_cell(c['without_value'])} without"
         wins = f"lower in {c['cases_lower']}/{c['cases']} prompts"
-        if c["as_paper"] is None:
+        a, b = c["with_value"], c["without_value"]
+        if a is None or b is None:
             verdict = "NOT MEASURED (a value is missing)"
-        elif c["as_paper"]:
-            verdict = "moved it DOWN, as the paper reports"
+        elif abs(a - b) <= SMALL * abs(b):
+            verdict = f"did NOT move it clearly (|change| <= {SMALL:.0%}): no effect shown"
+        elif a < b:
+            verdict = f"moved it DOWN by {(b - a) / abs(b):.0%}, as the paper reports"
         else:
-            verdict = "did NOT move it down: NOT as the paper reports"
+            verdict = f"moved it UP by {(a - b) / abs(b):.0%}: NOT as the paper reports"
         lines.append(f"- {c['module']} → {metric}: {nums} ({wins}): {verdict}")
     return "\n".join(lines)
 
@@ -280,7 +285,7 @@ def micro_report(record: dict[str, Any]) -> str:
     """The whole markdown report of a micro run: settings, table, checks, notes, timing."""
     s, t, m = record["settings"], record["timings_s"], record["machine"]
     head = (
-        f"Quality benchmark: preset micro, {len(record['suite']['prompts'])} prompts x "
+        f"Quality benchmark: preset micro, {len(record['suite']['prompts'])} prompt(s) x "
         f"{', '.join(record['suite']['poses'])}, seeds {record['suite']['seeds']}, "
         f"{s['frames']} frames, {s['steps']} steps, guidance {s['guidance']}, appearance "
         f"{s['appearance_steps']} steps, {s['size'][0]}x{s['size'][1]}\n"
