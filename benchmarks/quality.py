@@ -11,7 +11,7 @@ suite, settings, per-render metrics and timings) and ``OUT/quality.md``.
     python -m benchmarks.quality --preset tiny --out out/bench-quality          # ~1 min on 2 CPU cores
     python -m benchmarks.quality --preset sd15 --frames 16 --out out/bench-sd15 \\
         --set model.sam_checkpoint=weights/sam_vit_h_4b8939.pth                  # on a GPU
-    python -m benchmarks.quality --preset micro --out out/bench-micro         # ~7 min on 2 CPU cores
+    python -m benchmarks.quality --preset micro --out out/bench-micro         # ~10 min on 2 CPU cores
 
 ``--preset micro`` measures the ablations with the micro world's own metrics instead (prompts,
 variants and table in :mod:`benchmarks.quality_micro`).

@@ -15,7 +15,7 @@ module says whether it moved its metric the way the paper reports (intra-frame �
 drift down, background → background change down, inter-frame → frame-to-frame change down), with
 the number of prompts where it did.
 
-    python -m benchmarks.quality --preset micro --out out/bench-micro     # ~7 min on 2 CPU cores
+    python -m benchmarks.quality --preset micro --out out/bench-micro     # ~10 min on 2 CPU cores
 
 Writes ``OUT/quality.json`` (machine, preset, suite, settings, per-render metrics, checks) and
 ``OUT/quality.md``, like the paper-metric benchmark (:mod:`benchmarks.quality`).
@@ -263,6 +263,10 @@ def format_micro_table(table: dict[str, dict[str, float | None]]) -> str:
 def format_checks(checks: list[dict[str, Any]]) -> str:
     """One line per (module, metric): moved the way the paper reports, or plainly not."""
     labels = dict(MICRO_COLUMNS)
+    if not checks:
+        return (
+            "- none: each check needs both of its variants (full and w/o the module) in --variants"
+        )
     lines = []
     for c in checks:
         metric = labels.get(c["metric"], c["metric"])

@@ -128,8 +128,9 @@ def _micro_panels(left: Axes, right: Axes, micro: dict[str, Any]) -> None:
         _series(twin, [i + 0.5 for i in range(len(hist))], hist, "body hist L1 (right axis)", "C0")
         twin.set_ylabel("histogram L1 (0..2)")
         handles = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-        if right.get_legend() is not None:
-            right.get_legend().remove()
+        legend = right.get_legend()
+        if legend is not None:
+            legend.remove()
         twin.legend(handles=handles, fontsize=8, loc="best")
 
 
