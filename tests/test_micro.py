@@ -198,6 +198,31 @@ def test_avatar_metrics_adds_the_micro_section(renders) -> None:
     assert set(result["aggregate"]) >= {"frame_niqe", "frame_l1", "body_clip"}  # paper's kept
 
 
+def test_cli_micro_flag_for_an_mp4_and_off_for_a_render(renders, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    runner = CliRunner()
+    args = [
+        "metrics",
+        str(renders[0] / "video.mp4"),
+        "--poses",
+        str(renders[0].parent / "poses.json"),
+    ]
+    args += ["--prompt", PROMPTS[0], "--clip", "tiny", "--estimator", "none", "--micro"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "mp4")])
+    assert result.exit_code == 0, result.output
+    assert "micro world (red garment colour named)" in result.output
+    micro = json.loads((tmp_path / "mp4" / "metrics.json").read_text())["micro"]
+    assert micro["settings"]["prompt_source"] == "argument"
+    assert micro["aggregate"]["figure_iou"] >= MIN_FIGURE_IOU - 0.1  # through H.264
+    result = runner.invoke(app, ["metrics", str(renders[0]), "--estimator", "none", "--no-micro"])
+    assert result.exit_code == 0, result.output
+    assert "micro world" not in result.output and "micro preset" in result.output  # CLIP note
+    assert "micro" not in json.loads((renders[0] / "metrics.json").read_text())
+
+
 # ------------------------------------------------------------------------ the micro benchmark
 
 
