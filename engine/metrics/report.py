@@ -42,6 +42,7 @@ import numpy as np
 
 from engine.files import atomic_json
 from engine.metrics.brisque import brisque
+from engine.metrics.clip_select import clip_for, clip_label, clip_note
 from engine.metrics.inputs import MetricsError, ScoreInputs, load_render, load_video
 from engine.metrics.micro_report import is_micro, micro_section
 from engine.metrics.niqe import background_niqe, crop_to_mask, niqe
@@ -55,7 +56,6 @@ from engine.metrics.pose_mse import (
 from engine.metrics.temporal import adjacent_pairs, frame_l1, frame_mse
 
 if TYPE_CHECKING:
-    from engine.config import RenderConfig
     from engine.metrics.clip_score import ClipScorer
 
 NIQE_SIDE = 384
@@ -213,48 +213,6 @@ def _clip_scores(
 def _mean(values: Sequence[float | bool | None]) -> float | None:
     kept = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     return float(np.mean(kept)) if kept else None
-
-
-def clip_label(clip: ClipScorer) -> str:
-    """A short name of a scorer's model (``tiny_clip (random)`` for the random one)."""
-    name = getattr(clip.model.config, "_name_or_path", "") or ""
-    return name or f"tiny_clip (random, {clip.image_size} px)"
-
-
-def clip_for(config: RenderConfig | None, name: str | None = None) -> ClipScorer:
-    """The CLIP scorer: ``name`` (``tiny`` or a hub id / folder), else the config's preset.
-
-    tiny / small / micro → :func:`tiny_clip` (micro ships no CLIP and no hub is reachable, so its
-    CLIP scores are random-model numbers: :func:`clip_note` says so in ``metrics.json``); sd15 or
-    no config → ``model.clip`` (ViT-L/14 by default), on the config's device. Loading errors are
-    :class:`MetricsError` naming the model and the fix.
-    """
-    from engine.config import ModelConfig
-    from engine.metrics.clip_score import load_clip, tiny_clip
-
-    model = config.model if config is not None else ModelConfig(preset="sd15", device="auto")
-    if name == "tiny" or (name is None and model.preset in ("tiny", "small", "micro")):
-        return tiny_clip()
-    from engine.models.registry import resolve_device
-
-    try:
-        return load_clip(
-            name or model.clip, resolve_device(model.device), local_files_only=model.offline
-        )
-    except RuntimeError as exc:
-        raise MetricsError(f"{exc}; or pass --clip tiny for offline plumbing") from None
-
-
-def clip_note(config: RenderConfig | None, clip: ClipScorer) -> str | None:
-    """Why a random CLIP scored a preset's render (None when a real one did)."""
-    if not clip_label(clip).startswith("tiny_clip"):
-        return None
-    if is_micro(config):
-        return (
-            "micro preset: it ships no CLIP and scores offline with the random tiny CLIP, so "
-            "Text alignment and the CLIP consistencies carry no meaning; see the micro section"
-        )
-    return "random tiny CLIP: Text alignment and the CLIP consistencies carry no meaning"
 
 
 def _pose(inputs: ScoreInputs, estimator: PoseEstimator) -> dict[str, Any]:
