@@ -253,3 +253,25 @@ def test_micro_benchmark_checks_say_plainly_when_a_module_does_not_help() -> Non
     lines = format_micro_table({"full": {"figure_iou": 0.7}}).splitlines()
     assert len(lines) == 3 and all(line.count("|") == 8 for line in lines)
     assert lines[2].startswith("| Ours (full") and "| 0.700 | — |" in lines[2]
+
+
+def test_micro_benchmark_runs_end_to_end(tmp_path: Path, capsys) -> None:
+    from benchmarks.quality import main, parse_args
+
+    with pytest.raises(SystemExit):  # a micro-only variant on another preset
+        parse_args(["--preset", "tiny", "--variants", "inter_kv"])
+    with pytest.raises(SystemExit):
+        parse_args(["--preset", "micro", "--prompts", "9"])
+    args = ["--preset", "micro", "--prompts", "1", "--frames", "2", "--steps", "2"]
+    args += ["--appearance-steps", "1", "--variants", "full", "no_background", "--no-plots"]
+    record = main([*args, "--out", str(tmp_path)])
+    assert record["preset"] == "micro" and set(record["table"]) == {"full", "no_background"}
+    assert record["settings"]["estimator"] == "none" and record["machine"]["cpus"]
+    (check,) = record["checks"]
+    assert (check["module"], check["metric"]) == ("background plate", "background_change")
+    assert record["table"]["full"]["background_change"] < 1.0  # the plate holds the background
+    saved = json.loads((tmp_path / "quality.json").read_text())
+    assert saved["runs"][0]["paper_metrics"]["frame_niqe"] is not None
+    out = capsys.readouterr().out
+    assert "| Ours (full: intra + plate + latent) |" in out and "background plate →" in out
+    assert (tmp_path / "quality.md").read_text() in out
