@@ -11,6 +11,10 @@ suite, settings, per-render metrics and timings) and ``OUT/quality.md``.
     python -m benchmarks.quality --preset tiny --out out/bench-quality          # ~1 min on 2 CPU cores
     python -m benchmarks.quality --preset sd15 --frames 16 --out out/bench-sd15 \\
         --set model.sam_checkpoint=weights/sam_vit_h_4b8939.pth                  # on a GPU
+    python -m benchmarks.quality --preset micro --out out/bench-micro         # ~10 min on 2 CPU cores
+
+``--preset micro`` measures the ablations with the micro world's own metrics instead (prompts,
+variants and table in :mod:`benchmarks.quality_micro`).
 
 One resident :class:`~engine.chain.FrameChain` serves all renders; appearance adapters are cached
 under ``OUT/cache`` (trained once per prompt). On the random-weight presets absolute numbers mean
@@ -342,7 +346,9 @@ def report(record: dict[str, Any]) -> str:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "sd15"))
+    from benchmarks.quality_micro import MICRO_VARIANTS, WORLD_PROMPTS
+
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "small", "sd15", "micro"))
     parser.add_argument("--suite", default="small", choices=tuple(PROMPTS))
     parser.add_argument("--frames", type=int, default=8, help="Frames per render (default 8).")
     parser.add_argument(
@@ -358,8 +364,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="Appearance LoRA steps (default: tiny/small 10, sd15 the preset's).",
     )
     parser.add_argument("--clip", default=None, help="CLIP model (default: the preset's).")
-    parser.add_argument("--estimator", default="auto", choices=("auto", "none", "mediapipe"))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=tuple(VARIANTS))
+    parser.add_argument(
+        "--estimator",
+        default=None,
+        choices=("auto", "none", "mediapipe"),
+        help="Pose MSE estimator (default: auto; none for micro).",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        choices=tuple(dict.fromkeys([*VARIANTS, *MICRO_VARIANTS])),
+        help=f"Default: {', '.join(VARIANTS)}; micro: {', '.join(MICRO_VARIANTS)}.",
+    )
+    parser.add_argument(
+        "--prompts",
+        type=int,
+        default=len(WORLD_PROMPTS),
+        help=f"micro: how many of the {len(WORLD_PROMPTS)} world prompts (default all).",
+    )
     parser.add_argument("--no-plots", dest="plots", action="store_false", help="No metrics.png.")
     parser.add_argument(
         "--set",
@@ -373,8 +396,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.frames < 2:
         parser.error(f"--frames {args.frames}: the temporal metrics need at least 2 frames")
+    micro = args.preset == "micro"
+    names = MICRO_VARIANTS if micro else VARIANTS
+    args.variants = args.variants or list(names)
+    unknown = [v for v in args.variants if v not in names]
+    if unknown:
+        parser.error(
+            f"--variants {unknown} do not apply to --preset {args.preset}: use {list(names)}"
+        )
+    if not 1 <= args.prompts <= len(WORLD_PROMPTS):
+        parser.error(f"--prompts {args.prompts}: give 1..{len(WORLD_PROMPTS)}")
+    args.estimator = args.estimator or ("none" if micro else "auto")
     random_weights = args.preset in ("tiny", "small")
-    if args.steps is None and random_weights:
+    if args.steps is None and (random_weights or micro):
         args.steps = 10
     if args.appearance_steps is None and random_weights:
         args.appearance_steps = 10
@@ -392,15 +426,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     diffusers_logging.set_verbosity_error()  # the refined prompts exceed CLIP's 77 tokens
     args.out.mkdir(parents=True, exist_ok=True)
+    from benchmarks import quality_micro
     from engine.config import ConfigError
     from engine.metrics.inputs import MetricsError
     from engine.models.registry import WeightsNotFoundError
 
+    micro = args.preset == "micro"
     try:
-        record = run_suite(args)
+        record = quality_micro.run_micro(args) if micro else run_suite(args)
     except (ConfigError, WeightsNotFoundError, MetricsError) as exc:
         raise SystemExit(f"error: {exc}") from None
-    text = report(record)
+    text = quality_micro.micro_report(record) if micro else report(record)
     record["markdown"] = text
     (args.out / "quality.json").write_text(json.dumps(record, indent=2))
     (args.out / "quality.md").write_text(text)

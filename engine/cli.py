@@ -103,6 +103,14 @@ def metrics(
         Path | None,
         typer.Option("--out", "-o", help="Output folder for an mp4 (default: its own)."),
     ] = None,
+    micro: Annotated[
+        bool | None,
+        typer.Option(
+            "--micro/--no-micro",
+            help="Add the micro world's metrics (figure IoU, garment colour, drift, background "
+            "change; default: when the render's preset is micro, never for an mp4).",
+        ),
+    ] = None,
 ) -> None:
     """Score a video: writes metrics.json and metrics.png and prints the aggregate metrics."""
     from engine.metrics.plot import summary_table
@@ -114,11 +122,13 @@ def metrics(
         scorer = clip_for(None, clip) if clip else None
         if target.is_file():
             out_dir = out or target.parent
-            result = score_video(target, poses, out_dir, prompt, clip=scorer, estimator=estimator)
+            result = score_video(
+                target, poses, out_dir, prompt, clip=scorer, estimator=estimator, micro=bool(micro)
+            )
         elif target.is_dir():
             out_dir = target
             result = score_render(
-                target, clip=scorer, estimator=estimator, prompt=prompt, poses=poses
+                target, clip=scorer, estimator=estimator, prompt=prompt, poses=poses, micro=micro
             )
         else:
             _fail(f"{target}: no such render folder or video; check the path")

@@ -60,7 +60,7 @@ def figure_iou(masks: np.ndarray, keypoints: np.ndarray) -> np.ndarray:
 
 def torso_region(keypoints: np.ndarray, width: int, height: int) -> np.ndarray:
     """(H, W) bool: the torso polygon (shoulders, hips), eroded by one pixel."""
-    region = np.zeros((height, width), np.uint8)
+    region: np.ndarray = np.zeros((height, width), np.uint8)
     if (keypoints[list(TORSO), 2] > 0).all():
         cv2.fillConvexPoly(region, np.round(keypoints[list(TORSO), :2]).astype(np.int32), 1)
         eroded = cv2.erode(region, np.ones((3, 3), np.uint8))

@@ -5,9 +5,10 @@ Drawn on a bare :class:`matplotlib.figure.Figure` (rendered by Agg), without pyp
 process's global matplotlib backend is left alone and no display is needed.
 
 Six panels, two per row: temporal consistency (CLIP consistency, L1 between adjacent frames),
-image quality (NIQE, BRISQUE), text and pose fidelity (text alignment, Pose MSE). Pair metrics are
-drawn at ``t + 0.5`` between the frames they compare. A metric without values is named in its
-panel with the reason instead of a curve.
+image quality (NIQE, BRISQUE), text and pose fidelity (text alignment, Pose MSE). A render with a
+``micro`` section gets a fourth row: figure IoU and garment colour per frame, appearance drift and
+background change per pair. Pair metrics are drawn at ``t + 0.5`` between the frames they compare.
+A metric without values is named in its panel with the reason instead of a curve.
 """
 
 from __future__ import annotations
@@ -97,18 +98,59 @@ def _panels(
     ]  # fmt: skip
 
 
+def _micro_panels(left: Axes, right: Axes, micro: dict[str, Any]) -> None:
+    """The micro row: figure IoU + garment colour right per frame; drift + background per pair."""
+    colour = micro["settings"].get("prompt_colour")
+    _panel(
+        left, micro, [("figure_iou", "figure IoU with the pose body mask", "C0")],
+        pairs=False, title=f"micro: pose following; garment colour vs '{colour}'", ylabel="IoU",
+    )  # fmt: skip
+    right_frames = [
+        (float(i), 1.0 if r else 0.0)
+        for i, r in enumerate(micro["per_frame"].get("colour_right", []))
+        if r is not None
+    ]
+    if right_frames:
+        left.plot(*zip(*right_frames, strict=True), "s", ms=5, color="C3",
+                  label="garment colour right (1) / wrong (0)")  # fmt: skip
+        left.legend(fontsize=8, loc="best")
+    left.set_ylim(-0.05, 1.05)
+    _panel(
+        right, micro,
+        [("torso_texture_change", "torso texture change", "C1"),
+         ("background_change", "background change", "C2")],
+        pairs=True, title="micro: appearance drift and background change (lower = steadier)",
+        ylabel="grey levels (0..255)",
+    )  # fmt: skip
+    hist = micro["per_pair"].get("body_hist_l1") or []
+    if hist:
+        twin = right.twinx()
+        _series(twin, [i + 0.5 for i in range(len(hist))], hist, "body hist L1 (right axis)", "C0")
+        twin.set_ylabel("histogram L1 (0..2)")
+        handles = right.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+        legend = right.get_legend()
+        if legend is not None:
+            legend.remove()
+        twin.legend(handles=handles, fontsize=8, loc="best")
+
+
 def plot_metrics(result: dict[str, Any], path: Path) -> Path:
     """Draw the per-frame curves of a metrics dict (as :func:`score_render` returns) to ``path``.
 
-    Returns ``path`` (a PNG, 1400 x 1500 px), written atomically.
+    Returns ``path`` (a PNG, 1400 x 1500 px; 1400 x 2000 with a ``micro`` row), written
+    atomically.
     """
     settings = result.get("settings", {})
-    fig = Figure(figsize=(14, 15), dpi=100)
-    axes = fig.subplots(3, 2)
+    micro = result.get("micro")
+    rows = 4 if micro else 3
+    fig = Figure(figsize=(14, 5 * rows), dpi=100)
+    axes = fig.subplots(rows, 2)
     for ax, (series, pairs, title, ylabel) in zip(
-        axes.flat, _panels(settings, result.get("aggregate", {})), strict=True
+        axes.flat[:6], _panels(settings, result.get("aggregate", {})), strict=True
     ):
         _panel(ax, result, series, pairs=pairs, title=title, ylabel=ylabel)
+    if micro:
+        _micro_panels(axes[3, 0], axes[3, 1], micro)
     source = result.get("source", {})
     prompt = settings.get("prompt") or "(no prompt)"
     fig.suptitle(
@@ -117,7 +159,7 @@ def plot_metrics(result: dict[str, Any], path: Path) -> Path:
         f"prompt: {prompt[:110]}{'…' if len(prompt) > 110 else ''}",
         fontsize=11,
     )
-    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.15 / rows))
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.savefig(tmp, format="png")
@@ -159,4 +201,10 @@ def summary_table(result: dict[str, Any]) -> str:
     settings = result.get("settings", {})
     if settings.get("niqe_upscaled"):
         rows.append(f"(NIQE on frames upscaled x{settings['niqe_upscale_factor']}, bicubic)")
+    if settings.get("clip_note"):
+        rows.append(f"(CLIP: {settings['clip_note']})")
+    if result.get("micro"):
+        from engine.metrics.micro_report import micro_summary
+
+        rows.append(micro_summary(result["micro"]))
     return "\n".join(rows)

@@ -22,8 +22,11 @@ Conventions (see the metric modules for the formulas):
   (as :func:`~engine.metrics.temporal.temporal_metrics`) and for Background CLIP (both frames
   filled with their mean background colour inside the union); Body CLIP compares the two frames'
   person crops (:func:`~engine.metrics.clip_score.body_image`).
-* CLIP: the caller's :class:`ClipScorer`, else the preset's: ``tiny`` / ``small`` → random
-  :func:`tiny_clip` (numbers carry no meaning), ``sd15`` (and plain videos) → ``model.clip``.
+* CLIP: the caller's :class:`ClipScorer`, else the preset's: ``tiny`` / ``small`` / ``micro`` →
+  random :func:`tiny_clip` (numbers carry no meaning; ``micro`` ships no CLIP and scores offline,
+  which ``settings.clip_note`` says), ``sd15`` (and plain videos) → ``model.clip``.
+* ``micro`` renders (or ``micro=True``) also get a ``micro`` section: pose following, garment
+  colour, appearance drift and background change (:mod:`engine.metrics.micro_report`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ import numpy as np
 
 from engine.files import atomic_json
 from engine.metrics.brisque import brisque
+from engine.metrics.clip_select import clip_for, clip_label, clip_note
 from engine.metrics.inputs import MetricsError, ScoreInputs, load_render, load_video
+from engine.metrics.micro_report import is_micro, micro_section
 from engine.metrics.niqe import background_niqe, crop_to_mask, niqe
 from engine.metrics.pose_mse import (
     POSE_MIN_CONFIDENCE,
@@ -51,7 +56,6 @@ from engine.metrics.pose_mse import (
 from engine.metrics.temporal import adjacent_pairs, frame_l1, frame_mse
 
 if TYPE_CHECKING:
-    from engine.config import RenderConfig
     from engine.metrics.clip_score import ClipScorer
 
 NIQE_SIDE = 384
@@ -211,34 +215,6 @@ def _mean(values: Sequence[float | bool | None]) -> float | None:
     return float(np.mean(kept)) if kept else None
 
 
-def clip_label(clip: ClipScorer) -> str:
-    """A short name of a scorer's model (``tiny_clip (random)`` for the random one)."""
-    name = getattr(clip.model.config, "_name_or_path", "") or ""
-    return name or f"tiny_clip (random, {clip.image_size} px)"
-
-
-def clip_for(config: RenderConfig | None, name: str | None = None) -> ClipScorer:
-    """The CLIP scorer: ``name`` (``tiny`` or a hub id / folder), else the config's preset.
-
-    tiny / small → :func:`tiny_clip`; sd15 or no config → ``model.clip`` (ViT-L/14 by default),
-    on the config's device. Loading errors are :class:`MetricsError` naming the model and the fix.
-    """
-    from engine.config import ModelConfig
-    from engine.metrics.clip_score import load_clip, tiny_clip
-
-    model = config.model if config is not None else ModelConfig(preset="sd15", device="auto")
-    if name == "tiny" or (name is None and model.preset in ("tiny", "small")):
-        return tiny_clip()
-    from engine.models.registry import resolve_device
-
-    try:
-        return load_clip(
-            name or model.clip, resolve_device(model.device), local_files_only=model.offline
-        )
-    except RuntimeError as exc:
-        raise MetricsError(f"{exc}; or pass --clip tiny for offline plumbing") from None
-
-
 def _pose(inputs: ScoreInputs, estimator: PoseEstimator) -> dict[str, Any]:
     """:func:`pose_scores`, or nulls with the reason when there are no input poses."""
     if inputs.keypoints is not None:
@@ -259,6 +235,7 @@ def _settings(
     return {
         "prompt": inputs.prompt,
         "clip": clip_label(clip),
+        "clip_note": clip_note(inputs.config, clip),
         "estimator": getattr(estimator, "name", type(estimator).__name__),
         "niqe_upscaled": factor > 1,
         "niqe_upscale_factor": factor,
@@ -277,8 +254,12 @@ def score_inputs(
     *,
     clip: ClipScorer,
     estimator: PoseEstimator,
+    micro: bool | None = None,
 ) -> dict[str, Any]:
-    """All metrics of one video (see module docstring); JSON-ready (NaN → None)."""
+    """All metrics of one video (see module docstring); JSON-ready (NaN → None).
+
+    ``micro``: add the ``micro`` section (None = when the render's preset is ``micro``).
+    """
     if len(inputs.frames) < 2:
         raise MetricsError(
             f"{inputs.source.get('path')}: {len(inputs.frames)} frame(s); the temporal metrics "
@@ -304,6 +285,11 @@ def score_inputs(
     means = {k: _mean(v) for k, v in (per_frame | per_pair).items()}
     means |= {"pose_mse": pose["pose_mse"], "pose_detection_rate": pose["detection_rate"]}
     aggregate = {k: means[k] for k in AGGREGATE}
+    extra: dict[str, Any] = {}
+    if micro if micro is not None else is_micro(inputs.config):
+        start = time.perf_counter()
+        extra["micro"] = micro_section(inputs)
+        timings["micro"] = time.perf_counter() - start
     height, width = inputs.frames[0].shape[:2]
     return {
         "source": {
@@ -322,6 +308,7 @@ def score_inputs(
         },
         "per_pair": per_pair,
         "null_reasons": reasons,
+        **extra,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
     }
 
@@ -366,6 +353,7 @@ def score_render(
     prompt: str | None = None,
     poses: Path | None = None,
     plot: bool = True,
+    micro: bool | None = None,
 ) -> dict[str, Any]:
     """Score a render folder; writes ``folder/metrics.json`` and ``folder/metrics.png``.
 
@@ -375,6 +363,7 @@ def score_render(
         estimator: a :class:`PoseEstimator`, or ``"auto"`` / ``"none"`` / ``"mediapipe"``
             (None = auto: mediapipe when installed, else Pose MSE null with the reason).
         prompt, poses: override the manifest's frame prompt / pose file.
+        micro: add the ``micro`` section (None = when the manifest's preset is ``micro``).
 
     Returns:
         the metrics dict as written (keys ``source``, ``settings``, ``aggregate``, ``per_frame``
@@ -382,7 +371,7 @@ def score_render(
     """
     inputs = load_render(Path(folder), prompt=prompt, poses=poses)
     clip = clip or clip_for(inputs.config)
-    result = score_inputs(inputs, clip=clip, estimator=_estimator(estimator))
+    result = score_inputs(inputs, clip=clip, estimator=_estimator(estimator), micro=micro)
     return write_report(result, Path(folder), plot=plot)
 
 
@@ -395,13 +384,14 @@ def score_video(
     clip: ClipScorer | None = None,
     estimator: PoseEstimator | str | None = None,
     plot: bool = True,
+    micro: bool = False,
 ) -> dict[str, Any]:
     """Score a plain mp4 with its poses file (masks drawn from the poses) and prompt.
 
     Without ``poses`` the body / background / pose metrics are null; without ``prompt`` text
-    alignment is. Writes ``out_dir/metrics.json`` and ``out_dir/metrics.png``; returns the dict.
+    alignment is. ``micro``: add the ``micro`` section (a video made with the micro preset). Writes ``out_dir/metrics.json`` and ``out_dir/metrics.png``; returns the dict.
     """
     inputs = load_video(Path(video), Path(poses) if poses is not None else None, prompt)
     clip = clip or clip_for(None)
-    result = score_inputs(inputs, clip=clip, estimator=_estimator(estimator))
+    result = score_inputs(inputs, clip=clip, estimator=_estimator(estimator), micro=micro)
     return write_report(result, Path(out_dir), plot=plot)
