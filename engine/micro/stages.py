@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from diffusers import AutoencoderKL
 
 from engine.micro import arch
 from engine.micro.data import Pool
@@ -30,9 +31,9 @@ def _init(module: torch.nn.Module, name: str, init: Init) -> torch.nn.Module:
 
 
 def train_vae(pool: Pool, cfg: TrainConfig, dev: torch.device, deadline: float,
-              ckpts: Checkpoints, clock: Clock, init: Init) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip
+              ckpts: Checkpoints, clock: Clock, init: Init) -> tuple[AutoencoderKL, dict[str, Any]]:  # fmt: skip
     """The 2× VAE on the posterior mode: L1 + MSE on figures and empty scenes."""
-    vae = _init(arch.build_vae(), "vae", init).to(dev).train()
+    vae: AutoencoderKL = _init(arch.build_vae(), "vae", init).to(dev).train()  # type: ignore[assignment]
     opt = _optimizer(vae.parameters(), cfg.lr["vae"], dev)
     gen = torch.Generator(device=dev).manual_seed(cfg.seed + 11)
     n, b = len(pool.images), cfg.batch["vae"]
@@ -59,7 +60,7 @@ def train_vae(pool: Pool, cfg: TrainConfig, dev: torch.device, deadline: float,
 
 
 @torch.no_grad()
-def encode_pool(vae: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
+def encode_pool(vae: AutoencoderKL, x: torch.Tensor, dev: torch.device) -> torch.Tensor:
     """(n, 3, H, W) uint8 → (n, 4, H/2, W/2) float32 unscaled latents (posterior mode), on dev."""
     out = []
     for chunk in x.split(512):
@@ -68,7 +69,7 @@ def encode_pool(vae: torch.nn.Module, x: torch.Tensor, dev: torch.device) -> tor
     return torch.cat(out)
 
 
-def psnr(vae: torch.nn.Module, images: torch.Tensor, dev: torch.device) -> float:
+def psnr(vae: AutoencoderKL, images: torch.Tensor, dev: torch.device) -> float:
     """Mean PSNR (dB) of VAE reconstructions of uint8 ``images`` (in 0..255 after rounding)."""
     with torch.no_grad(), _autocast(dev):
         x = _pixels(images, dev)
@@ -163,7 +164,7 @@ def _frozen_copy(module: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(module).eval().requires_grad_(False)
 
 
-def train_inpaint(pool: Pool, vae: torch.nn.Module, text_encoder: torch.nn.Module,
+def train_inpaint(pool: Pool, vae: AutoencoderKL, text_encoder: torch.nn.Module,
                   unet: torch.nn.Module, scale: float, cfg: TrainConfig, dev: torch.device,
                   deadline: float, ckpts: Checkpoints, clock: Clock,
                   negatives: torch.Tensor, init: Init) -> tuple[torch.nn.Module, dict[str, Any]]:  # fmt: skip

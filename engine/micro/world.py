@@ -228,7 +228,7 @@ def draw_scene(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
         cx = int(rng.uniform(0.3, 0.7) * s)
         overlay = img.copy()
         cv2.ellipse(overlay, (cx, int(s * 0.85)), (s // 4, s // 12), 0, 0, 360, (250, 235, 180), -1)
-        img = cv2.addWeighted(overlay, 0.45, img, 0.55, 0)
+        img = np.asarray(cv2.addWeighted(overlay, 0.45, img, 0.55, 0), np.uint8)
     else:
         raise ValueError(f"unknown scene kind {kind!r}; use one of {list(SCENES)}")
     return img
