@@ -99,9 +99,11 @@ class EngineCore:
         self._finishing: set[str] = set()
         self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
-        # Frames are written on their own thread while the Sampler denoises the next batch; a
-        # frame's event (and the store's frames_done) follows its files, never precedes them.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
+        # Frames are written by a pool of writer threads while the Samplers denoise the next
+        # batches (or by the Samplers themselves on a shared backend); a frame's event (and the
+        # store's frames_done) follows its files, never precedes them, and at most
+        # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
+        self._writer = ThreadPoolExecutor(c.writers, thread_name_prefix="write")
         self._written: queue.Queue[tuple[str, int, BaseException | None]] = queue.Queue()
         self._writing: dict[str, int] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
@@ -110,7 +112,14 @@ class EngineCore:
         self._inflight: dict[int, builtins.list[FrameRequest]] = {}
         self._batch_serial = 0
         self._waiting_since: float | None = None
-        self.stats: dict[str, Any] = {"batch_sizes": [], "batches": [], "retries": 0}
+        self.stats: dict[str, Any] = {
+            "batch_sizes": [],
+            "batches": [],
+            "retries": 0,
+            "restarts_waited": 0,
+            "max_unwritten": 0,
+            "held_for_writes": 0,
+        }
         self._closed = False
         # Rung by the writer, finishers and loader (and the executor's background work) when
         # they hand something over, so an idle step wakes for it instead of sleeping 50 ms.
@@ -295,6 +304,9 @@ class EngineCore:
         for render_id in self.scheduler.next_prepares():
             self.executor.prepare(self._live[render_id].prepare_job())
         while self.executor.free_slots() > 0:
+            if self.unwritten >= self.config.cluster.max_unwritten_frames:
+                self.stats["held_for_writes"] += 1  # the writers catch up first (bounded memory)
+                return
             batch = self.scheduler.next_batch()
             if not batch:
                 return
@@ -308,6 +320,11 @@ class EngineCore:
             self.stats["batches"].append([(r.render_id, r.index) for r in batch])
             work = [self._live[r.render_id].work(r.index) for r in batch]
             self.executor.execute(self._batch_serial, work)
+
+    @property
+    def unwritten(self) -> int:
+        """Finished frames whose files are not durable yet (queued for or in the writers)."""
+        return sum(self._writing.values())
 
     def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
         """Wait window: hold back a part-full batch while renders are still preparing (they
@@ -369,8 +386,12 @@ class EngineCore:
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
 
     def _write(self, live: LiveRender, outcome: Any) -> None:
-        """Persist a frame on the writer thread (FIFO: a render's frames land in order)."""
+        """Persist a frame on a writer thread (a frame its worker wrote is durable already)."""
         self._writing[live.id] = self._writing.get(live.id, 0) + 1
+        self.stats["max_unwritten"] = max(self.stats["max_unwritten"], self.unwritten)
+        if outcome.written is not None:
+            self._written.put((live.id, outcome.index, None))
+            return
 
         def write() -> None:
             try:
@@ -399,12 +420,18 @@ class EngineCore:
             if error is not None:
                 self._lost_frame(live, index, error)
                 continue
+            # Writers run in parallel: a frame counts once every frame before it is durable too.
+            live.durable.add(index)
             total = live.frames
-            fields = {"frames_done": index + 1, "eta_s": live.eta_s}
-            self.store.update(render_id, **fields)
-            self._event(render_id, {"type": "frame", "frame": index, **fields,
-                                    "frames_total": total})  # fmt: skip
-            if index + 1 == total and self.scheduler.status(render_id).stage is Stage.DONE:
+            while live.durable_upto in live.durable:
+                live.durable.discard(live.durable_upto)
+                frame = live.durable_upto
+                live.durable_upto += 1
+                fields = {"frames_done": live.durable_upto, "eta_s": live.eta_s}
+                self.store.update(render_id, **fields)
+                self._event(render_id, {"type": "frame", "frame": frame, **fields,
+                                        "frames_total": total})  # fmt: skip
+            if live.durable_upto == total and self.scheduler.status(render_id).stage is Stage.DONE:
                 self._finish(live)
 
     def _lost_frame(self, live: LiveRender, index: int, error: BaseException) -> None:

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig, RenderConfig
+from engine.core.encode import decode_png, png_bytes, write_frame
 from engine.core.executor import Prepared, PrepareJob
 from engine.core.faults import InputsChangedError
 from engine.core.outputs import (
@@ -28,15 +32,16 @@ from engine.core.outputs import (
     input_hashes,
     load_latent,
     open_folder,
+    put_json,
     save_frame,
     write_contact_sheet,
     write_manifest,
 )
 from engine.core.store import RenderStore
 from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
-from engine.files import atomic_json
 from engine.method import prepare_poses
 from engine.pose import PoseSequence
+from engine.storage import Storage
 
 
 @dataclass
@@ -45,7 +50,8 @@ class LiveRender:
 
     id: str
     config: RenderConfig
-    out: Path
+    out: Storage
+    """The render's folder in the storage backend."""
     poses: PoseSequence
     key: str
     start: int
@@ -65,6 +71,15 @@ class LiveRender:
     """The scheduler's latest estimate of the seconds left."""
     rendered_at: float | None = None
     """When its last frame was persisted (the chain's end; encoding may queue after it)."""
+    durable: set[int] = field(default_factory=set)
+    """Frames durable in the backend but not yet counted (a frame before them is still being
+    written)."""
+    durable_upto: int = -1
+    """Frames 0 .. durable_upto-1 are durable and counted (set to ``start`` when loaded)."""
+
+    def __post_init__(self) -> None:
+        if self.durable_upto < 0:
+            self.durable_upto = self.start
 
     @property
     def frames(self) -> int:
@@ -108,7 +123,13 @@ class LiveRender:
             del self.latents[old]
 
     def persist(self, outcome: FrameOutcome) -> int:
-        """Write a finished frame's files (writer thread); its latent last, marking it done."""
+        """Write a finished frame's files (writer thread); its latent last, marking it done.
+        A frame a worker encoded arrives as bytes; one it wrote itself needs nothing here."""
+        if outcome.written is not None:
+            return outcome.index
+        if outcome.encoded is not None:
+            write_frame(self.out, outcome.encoded)
+            return outcome.index
         assert outcome.latent is not None and outcome.frame is not None
         assert outcome.pose_map is not None
         save_frame(
@@ -126,7 +147,7 @@ def load_render(
 
     start_time = time.perf_counter()
     store.lock(render_id)
-    out = store.folder(render_id)
+    out = store.files(render_id)
     poses = prepare_poses(config)
     name = model_name(model)
     hashes = input_hashes(config, poses, name)
@@ -148,29 +169,28 @@ def _digest(data: bytes) -> str:
 def _reuse_prepared(live: LiveRender) -> None:
     """Reload the refined prompt, adapter and plate a resumed render was drawn with."""
     from engine.appearance import read_adapter
-    from engine.video import load_png
 
     out = live.out
-    record_path = out / "prepared.json"
-    if not record_path.is_file():
+    if not out.exists("prepared.json"):
         return  # frames were persisted before this record existed: prepare again
-    record = json.loads(record_path.read_text())
-    refined = json.loads((out / "refined_prompt.json").read_text())
+    record = json.loads(out.get("prepared.json"))
+    refined = json.loads(out.get("refined_prompt.json"))
     checks = {"refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode())}
     live.refined = refined
     if record.get("adapter"):
-        weights = read_adapter(out / "adapter")
+        with _local_copy(out, "adapter") as folder:
+            weights = read_adapter(folder)
         digest = weights.digest()
         checks["adapter"] = digest
         name = str(weights.metadata.get("name") or f"appearance_{digest[:12]}")
         live.adapter = AdapterPayload(name, weights, digest, {"name": name, "reused": True})
     if record.get("plate"):
-        live.plate = load_png(out / "plate" / "plate.png")
+        live.plate = decode_png(out.get("plate/plate.png"))
         checks["plate"] = _digest(np.ascontiguousarray(live.plate).tobytes())
     changed = [k for k, v in checks.items() if record.get(k) != v]
     if changed:
         raise InputsChangedError(
-            f"{out}: {', '.join(changed)} differ from what the persisted frames were drawn with; "
+            f"{out.uri}: {', '.join(changed)} differ from what the persisted frames were drawn with; "
             "restore them or render into a new folder"
         )
     live.stages.update(record.get("stages", {}))
@@ -186,7 +206,7 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
     reused = live.refined is not None
     live.timings.update(done.seconds)
     refined = done.refined
-    atomic_json(out / "refined_prompt.json", refined)
+    put_json(out, "refined_prompt.json", refined)
     live.refined = refined
     record: dict[str, Any] = {
         "refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode()),
@@ -194,23 +214,21 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
     }
     if done.adapter is not None:
         adapter = done.adapter
-        if not (out / "adapter").is_dir():
-            save_adapter(adapter.weights, out / "adapter")
+        if not out.keys("adapter"):
+            _write_folder(out, "adapter", lambda folder: save_adapter(adapter.weights, folder))
         live.adapter = adapter
         record["adapter"] = adapter.digest
         record["stages"]["adapter"] = {**adapter.record, "digest": adapter.digest,
                                        "files": "adapter/"}  # fmt: skip
     plate = done.plate
     if isinstance(plate, PlateResult):
-        files = save_plate_result(plate, out / "plate")
+        made = plate
+        files = _write_folder(out, "plate", lambda folder: save_plate_result(made, folder))
         entry = {"source": "generated", **plate_record(plate)}
-        entry["files"] = {k: str(Path(v).relative_to(out)) for k, v in files.items()}
+        entry["files"] = {k: f"plate/{Path(v).name}" for k, v in files.items()}
         plate = plate.plate
     elif plate is not None and live.plate is None:  # a supplied plate: keep a copy
-        from engine.video import save_png
-
-        (out / "plate").mkdir(exist_ok=True)
-        save_png(plate, out / "plate" / "plate.png")
+        out.put("plate/plate.png", png_bytes(plate))
         entry = {"source": str(config.plate), "files": {"plate": "plate/plate.png"}}
     else:
         entry = live.stages.get("plate", {"source": "persisted"})
@@ -218,8 +236,8 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         live.plate = plate
         record["plate"] = _digest(np.ascontiguousarray(plate).tobytes())
         record["stages"]["plate"] = entry
-    if not reused or not (out / "prepared.json").is_file():
-        atomic_json(out / "prepared.json", record)
+    if not reused or not out.exists("prepared.json"):
+        put_json(out, "prepared.json", record)
     live.stages.update(record["stages"])
     return SessionSpec(
         config.model_dump(mode="json"),
@@ -245,8 +263,8 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
     if config.output.contact_sheet:
         write_contact_sheet(out, poses, config.output.contact_sheet_frames)
     live.timings["outputs"] = time.perf_counter() - start
-    if live.refined is None and (out / "refined_prompt.json").is_file():
-        live.refined = json.loads((out / "refined_prompt.json").read_text())
+    if live.refined is None and out.exists("refined_prompt.json"):
+        live.refined = json.loads(out.get("refined_prompt.json"))
     stages = {"executor": executor, **live.stages}
     if memory.get("sessions_bytes"):
         stages["sampler_session_bytes"] = memory["sessions_bytes"].get(live.id)
@@ -268,5 +286,34 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
         from engine.metrics.report import score_render
 
         t = time.perf_counter()
-        score_render(out)
+        with _local_copy(out, "") as folder:  # the scorer reads files; upload what it wrote
+            score_render(folder)
+            if out.local_path() is None:
+                for name in ("metrics.json", "metrics.png"):
+                    if (folder / name).is_file():
+                        out.put(name, (folder / name).read_bytes())
         live.timings["metrics"] = time.perf_counter() - t
+
+
+@contextmanager
+def _local_copy(out: Storage, prefix: str) -> Iterator[Path]:
+    """``prefix`` of a render folder as a local folder: the folder itself on a local backend,
+    else a temporary download (removed afterwards)."""
+    local = out.local_path()
+    if local is not None:
+        yield local / prefix if prefix else local
+        return
+    with tempfile.TemporaryDirectory(prefix="avatar-copy-") as tmp:
+        yield out.get_dir(prefix, Path(tmp) / (prefix or "render"))
+
+
+def _write_folder(out: Storage, prefix: str, write: Callable[[Path], Any]) -> Any:
+    """Let ``write`` fill the folder ``prefix`` of a render folder: in place on a local backend,
+    else in a temporary folder uploaded afterwards (one PUT per file)."""
+    local = out.local_path()
+    if local is not None:
+        return write(local / prefix)
+    with tempfile.TemporaryDirectory(prefix="avatar-upload-") as tmp:
+        result = write(Path(tmp) / prefix)
+        out.put_dir(Path(tmp) / prefix, prefix)
+        return result

@@ -23,8 +23,10 @@ from engine.appearance.train import AdapterWeights
 from engine.batching import BatchDenoiser, decode_frames, rows_per_frame
 from engine.chain import FrameChain
 from engine.config import ModelConfig, RenderConfig
+from engine.core.encode import EncodedFrame, encode_frame, write_frame
 from engine.core.faults import NonFiniteOutputError, classify
 from engine.session import CharacterChain
+from engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +82,26 @@ class FrameOutcome:
     error: str | None = None
     kind: str | None = None
     """``input`` or ``infra`` when ``error`` is set."""
+    encoded: EncodedFrame | None = None
+    """The frame's objects encoded by the worker (then ``frame``/``pose_map``/``mask`` are
+    None): the core's writers only write them."""
+    written: dict[str, tuple[str, int]] | None = None
+    """The worker wrote the frame to the shared backend itself: {key: (sha256, size)}."""
+
+    def encode(self) -> None:
+        """Replace the frame's arrays by their encoded objects (on the worker)."""
+        assert self.latent is not None and self.frame is not None and self.pose_map is not None
+        self.encoded = encode_frame(self.index, self.frame, self.latent, self.pose_map, self.mask)
+        self.frame = self.pose_map = self.mask = None
+
+    def write(self, out: Storage) -> None:
+        """Encode the frame and write it into its render's folder ``out`` (latent last); only
+        its latent (the next frame's reference) and the digests travel back."""
+        if self.encoded is None:
+            self.encode()
+        assert self.encoded is not None
+        self.written = write_frame(out, self.encoded)
+        self.encoded = None
 
 
 def padding_policy(config: RenderConfig) -> str:
