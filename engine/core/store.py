@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from engine.config import ConfigError
-from engine.storage import LocalStorage, Storage
+from engine.config import ConfigError, RenderConfig
+from engine.storage import LocalStorage, Storage, open_storage
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 State = Literal[
@@ -349,6 +349,12 @@ class RenderStore:
             self.unlock(render_id)
         with self._lock:
             self._db.close()
+
+
+def open_store(root: str | Path, config: RenderConfig) -> RenderStore:
+    """The store of an engine config: its index in the local folder ``root``, its render
+    folders in ``config.storage`` (default: ``root`` too)."""
+    return RenderStore(root, storage=open_storage(config.storage, root))
 
 
 def _record(row: tuple[Any, ...]) -> RenderRecord:
