@@ -7,8 +7,11 @@ first need and live as long as the executor (a finished manifest re-run starts n
 
 Faults: a worker that raises gives the error's own kind (input or infrastructure); a dead actor
 (killed, node lost, constructor failed) is an infrastructure fault — its in-flight work comes back
-as failed, and a liveness probe replaces the actor by a new one once Ray has given up restarting
-it. The engine core retries infrastructure faults up to ``cluster.max_attempts``.
+as failed with ``worker_lost`` (the core requeues it without spending an attempt, for up to
+``cluster.restart_wait_s``), and a liveness probe (backing off from 0.5 s to 10 s) waits for
+Ray's restart or replaces the actor by a new one, on a surviving node, once Ray has given up
+restarting it. Samplers are spread across nodes (``SPREAD``). Frames are encoded on the
+Sampler; with a shared backend (an object store) the Sampler writes them itself.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from engine.core.executor import (
 )
 from engine.core.faults import Kind, classify, describe
 from engine.core.work import FrameWork, SessionSpec, padding_policy
+from engine.storage import env_credentials
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +108,12 @@ class RayExecutor(Executor):
         c = config.cluster
         model = config.model.model_dump(mode="json")
         # num_cpus=0: placement by GPUs only (a CPU-only test cluster has 2 cores for 4+ actors).
-        opts = {"max_restarts": c.max_restarts, "max_task_retries": 0, "num_cpus": 0}
+        opts: dict[str, Any] = {"max_restarts": c.max_restarts, "max_task_retries": 0,
+                                "num_cpus": 0}  # fmt: skip
+        credentials = env_credentials()
+        if credentials and config.storage.uri and "://" in config.storage.uri:
+            # Samplers write frames to the object store: its credentials travel with them
+            opts["runtime_env"] = {"env_vars": credentials}
         self.refiners = _Pool(lambda: Refiner.options(**opts).remote(), 1)  # type: ignore[attr-defined]
         self.trainers = _Pool(
             lambda: AppearanceTrainer.options(num_gpus=c.trainer_gpus, **opts).remote(model),  # type: ignore[attr-defined]
@@ -115,9 +124,14 @@ class RayExecutor(Executor):
             c.backgrounds,
         )
         tag = uuid.uuid4().hex[:8]  # named (findable by operators and fault tests), unique
+        # SPREAD: one Sampler per GPU across the nodes, not packed on one (a lost node then
+        # takes only its share of the Samplers with it).
         self.samplers = _Pool(
             lambda: Sampler.options(  # type: ignore[attr-defined]
-                num_gpus=c.sampler_gpus, name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}", **opts
+                num_gpus=c.sampler_gpus,
+                name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}",
+                scheduling_strategy="SPREAD",
+                **opts,
             ).remote(model, c.max_batch, padding_policy(config)),
             c.samplers,
         )
@@ -127,6 +141,7 @@ class RayExecutor(Executor):
         self._probes: dict[Any, tuple[_Pool, int]] = {}
         self._probing: set[tuple[int, int]] = set()
         self._reprobes: list[tuple[float, _Pool, int]] = []
+        self._backoff: dict[tuple[int, int], float] = {}  # (pool, slot) → next reprobe delay
         self._events: list[Outcome] = []
         self._memory: dict[str, Any] = {"peak_rss_mb": 0.0, "sessions_bytes": {}}
         self.stats: dict[str, Any] = {"actor_failures": 0, "replaced_actors": 0}
@@ -245,9 +260,10 @@ class RayExecutor(Executor):
         except Exception as e:
             reason, kind = ray_fault(e)
             log.warning("sampler %d: batch %d failed: %s", slot, batch_id, reason)
-            if isinstance(e, RayActorError):
+            lost = isinstance(e, RayActorError)  # died, restarting or its node is gone
+            if lost:
                 self._probe(self.samplers, slot)
-            self._events.append(BatchFailed(batch_id, reason, kind))
+            self._events.append(BatchFailed(batch_id, reason, kind, worker_lost=lost))
             return
         self._memory["peak_rss_mb"] = max(self._memory["peak_rss_mb"], peak)
         self._memory["sessions_bytes"].update(sessions)
@@ -271,9 +287,12 @@ class RayExecutor(Executor):
             self.stats["replaced_actors"] += 1
             pool.actors[slot] = pool.make()
             pool.started += 1
-        except RayError:  # still restarting (ActorUnavailableError): ask again shortly
-            self._reprobes.append((time.monotonic() + 0.5, pool, slot))
+        except RayError:  # still restarting (ActorUnavailableError): ask again, backing off
+            delay = self._backoff.get((id(pool), slot), 0.5)
+            self._backoff[(id(pool), slot)] = min(delay * 2, 10.0)
+            self._reprobes.append((time.monotonic() + delay, pool, slot))
             return
+        self._backoff.pop((id(pool), slot), None)
         self._probing.discard((id(pool), slot))
 
     def _due_reprobes(self) -> None:

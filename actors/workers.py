@@ -93,6 +93,7 @@ class Sampler(_Worker):
         """→ (outcomes, peak RSS in MB, bytes held per open render). ``specs`` maps each render
         id to ``[ObjectRef of its SessionSpec]`` (wrapped so Ray does not resolve it eagerly)."""
         outcomes = self.state.denoise(work, lambda rid: ray.get(specs[rid][0], timeout=600))
+        self.state.deliver(outcomes)  # PNG + latent encoded here; written here when shared
         return outcomes, peak_rss_mb(), self.state.memory()
 
     def close(self, render_id: str) -> None:

@@ -257,6 +257,9 @@ class ClusterConfig(_Base):
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Tries of one unit of work (a render's prepare stages, or one frame) after infrastructure
     faults (worker died, node lost, out of memory) before the render fails."""
+    restart_wait_s: float = Field(default=300.0, ge=0.0, le=86_400.0)
+    """How long a render's frames wait for lost workers (a node gone, an actor restarting)
+    without spending ``max_attempts``; past it each further loss counts as an attempt."""
     max_queued: int = Field(default=1000, ge=1, le=1_000_000)
     """Most unfinished renders the engine core holds; a submission past it is refused."""
     max_unwritten_frames: int = Field(default=64, ge=1, le=100_000)

@@ -38,6 +38,7 @@ from engine.core.executor import (
     StageStarted,
 )
 from engine.core.faults import classify, describe
+from engine.core.inputs import snapshot_inputs
 from engine.core.live import LiveRender, finalize, load_render, save_prepared
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
 from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
@@ -160,6 +161,7 @@ class EngineCore:
                             f"render {id!r} exists with a different spec; choose another id"
                         )
                     if retry and record.state in ("failed", "cancelled"):
+                        snapshot_inputs(self.store.files(id), spec)
                         self.store.update(id, error=None, error_kind=None, attempts=0)
                         self._set_state(id, "queued")
                         self._admit(id, spec)
@@ -170,6 +172,7 @@ class EngineCore:
             if self.store.count(tuple(s for s in STATES if s not in FINAL_STATES)) >= limit:
                 raise QueueFullError(f"{limit} renders are queued or running; retry later")
             self.store.create(id, data, priority=priority, owner=owner)
+            snapshot_inputs(self.store.files(id), spec)  # the inputs travel with the render
             self._event(id, {"type": "state", "state": "queued"})
             self._admit(id, spec)
         return id
@@ -364,6 +367,8 @@ class EngineCore:
                 self._retry_or_fail(live.id, f"saving the prepare stages: {describe(e)}",
                                     classify(e), prepare=True)  # fmt: skip
                 return
+            if live.out.shared:  # workers write their frames into the render folder
+                spec.out = live.out
             self.executor.open(live.id, spec)
             live.attempts = 0
             self.scheduler.prepared(live.id)
@@ -383,6 +388,7 @@ class EngineCore:
             live.keep_latent(outcome)
             self._write(live, outcome)
             live.attempts = 0
+            live.lost_since = None
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
 
     def _write(self, live: LiveRender, outcome: Any) -> None:
@@ -446,9 +452,24 @@ class EngineCore:
     def _batch_failed(self, batch: builtins.list[FrameRequest], failed: BatchFailed) -> None:
         log.warning("batch of %d frames failed: %s", len(batch), failed.error)
         self.stats["retries"] += 1
+        now = time.monotonic()
         for request in batch:
-            if request.render_id in self._live:
-                self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
+            live = self._live.get(request.render_id)
+            if live is None:
+                continue
+            if failed.worker_lost and not self.scheduler.status(live.id).stage.final:
+                # a lost worker is waited for (the executor restarts or replaces it) without
+                # spending attempts, for up to cluster.restart_wait_s per render
+                live.lost_since = live.lost_since or now
+                if now - live.lost_since <= self.config.cluster.restart_wait_s:
+                    self.stats["restarts_waited"] += 1
+                    self._event(live.id, {"type": "retry", "error": failed.error,
+                                          "attempt": live.attempts, "worker_lost": True})  # fmt: skip
+                    self.scheduler.requeue(
+                        [request] if request in self.scheduler.in_flight() else []
+                    )
+                    continue
+            self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
 
     def _retry_or_fail(
         self,

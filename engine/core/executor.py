@@ -101,6 +101,9 @@ class BatchFailed:
     batch_id: int
     error: str
     kind: Kind
+    worker_lost: bool = False
+    """The worker that ran it died (its node was lost, or it is restarting): its frames go back
+    to the queue without spending an attempt, for up to ``cluster.restart_wait_s``."""
 
 
 Outcome = StageStarted | Prepared | PrepareFailed | BatchDone | BatchFailed

@@ -24,6 +24,7 @@ from engine.config import ModelConfig, RenderConfig
 from engine.core.encode import decode_png, png_bytes, write_frame
 from engine.core.executor import Prepared, PrepareJob
 from engine.core.faults import InputsChangedError
+from engine.core.inputs import local_inputs
 from engine.core.outputs import (
     check_inputs,
     encode_video,
@@ -41,6 +42,7 @@ from engine.core.store import RenderStore
 from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
 from engine.method import prepare_poses
 from engine.pose import PoseSequence
+from engine.session import SuppliedMasks
 from engine.storage import Storage
 
 
@@ -71,6 +73,12 @@ class LiveRender:
     """The scheduler's latest estimate of the seconds left."""
     rendered_at: float | None = None
     """When its last frame was persisted (the chain's end; encoding may queue after it)."""
+    supplied_plate: np.ndarray | None = None
+    """(H, W, 3) uint8 plate image of the spec (read from the render folder's input copy)."""
+    masks: SuppliedMasks | None = None
+    """The spec's masks read at the render size (sent to the Samplers with the session)."""
+    lost_since: float | None = None
+    """Since when the render's frames have been waiting for lost workers (None: not waiting)."""
     durable: set[int] = field(default_factory=set)
     """Frames durable in the backend but not yet counted (a frame before them is still being
     written)."""
@@ -99,10 +107,8 @@ class LiveRender:
 
     def prepare_job(self) -> PrepareJob:
         plate = self.plate
-        if plate is None and self.config.alignment.background and self.config.plate is not None:
-            from engine.method import load_plate
-
-            plate = load_plate(self.config.plate, self.config.width, self.config.height)
+        if plate is None and self.config.alignment.background:
+            plate = self.supplied_plate
         return PrepareJob(
             self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate
         )
@@ -148,18 +154,43 @@ def load_render(
     start_time = time.perf_counter()
     store.lock(render_id)
     out = store.files(render_id)
-    poses = prepare_poses(config)
-    name = model_name(model)
-    hashes = input_hashes(config, poses, name)
+    with local_inputs(out, config) as local:  # the render folder's copy of the input files
+        poses = prepare_poses(local)
+        name = model_name(model)
+        hashes = input_hashes(local, poses, name)
+        plate, masks = _read_plate_and_masks(local)
     open_folder(out)
     start = frames_persisted(out, len(poses.keypoints))
     check_inputs(out, hashes, start)
     live = LiveRender(render_id, config, out, poses, fingerprint(hashes), start, name)
+    live.supplied_plate, live.masks = plate, masks
     if start:
         _reuse_prepared(live)
         live.latents = {i: load_latent(out, i) for i in {0, start - 1}}
     live.timings["poses"] = time.perf_counter() - start_time
     return live
+
+
+def _read_plate_and_masks(
+    config: RenderConfig,
+) -> tuple[np.ndarray | None, SuppliedMasks | None]:
+    """The spec's plate image and masks, read now (they are used with background alignment
+    only); the masks lined up with the render's frames at the render size."""
+    if not config.alignment.background:
+        return None, None
+    plate = masks = None
+    if config.plate is not None:
+        from engine.method import load_plate
+
+        plate = load_plate(config.plate, config.width, config.height)
+    if config.masks is not None:
+        from engine.pose import load_poses
+        from engine.session import supplied_masks
+
+        assert config.poses is not None
+        source = load_poses(config.poses, max_frames=config.limits.max_frames)
+        masks = supplied_masks(config, source).read(config.width, config.height)
+    return plate, masks
 
 
 def _digest(data: bytes) -> str:
@@ -246,6 +277,7 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         config.negative_prompt,
         live.plate if config.alignment.background else None,
         live.adapter,
+        masks=live.masks,
     )
 
 

@@ -25,7 +25,7 @@ from engine.chain import FrameChain
 from engine.config import ModelConfig, RenderConfig
 from engine.core.encode import EncodedFrame, encode_frame, write_frame
 from engine.core.faults import NonFiniteOutputError, classify
-from engine.session import CharacterChain
+from engine.session import CharacterChain, SuppliedMasks
 from engine.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,11 @@ class SessionSpec:
     plate: np.ndarray | None
     """(H, W, 3) uint8 background plate, or None."""
     adapter: AdapterPayload | None
+    masks: SuppliedMasks | None = None
+    """The spec's masks read at the render size (a worker reads no mask file)."""
+    out: Storage | None = None
+    """The render's folder in a backend every node reaches: a Ray Sampler writes the frames
+    there itself. None: the frames travel back encoded and the core's writers persist them."""
 
 
 @dataclass
@@ -215,6 +220,7 @@ class SamplerState:
         self.padding = padding
         self.sessions: dict[str, CharacterChain] = {}
         self._adapters: dict[str, str | None] = {}
+        self._outs: dict[str, Storage | None] = {}
 
     def open(self, render_id: str, spec: SessionSpec) -> CharacterChain:
         """Build the session of ``render_id`` (prompt embeddings with the character's text LoRA
@@ -233,16 +239,19 @@ class SamplerState:
                 negative=spec.negative,
                 plate=spec.plate,
                 adapter=name,
+                masks=spec.masks,
             )
         finally:
             activate(parts.unet, None, text_encoder=parts.text_encoder)
         self.sessions[render_id] = session
         self._adapters[render_id] = name
+        self._outs[render_id] = spec.out
         return session
 
     def close(self, render_id: str) -> None:
         """Free a render's session, and its adapter when no other session uses it."""
         self.sessions.pop(render_id, None)
+        self._outs.pop(render_id, None)
         name = self._adapters.pop(render_id, None)
         if name is not None and name not in self._adapters.values():
             from engine.appearance import remove_adapter
@@ -287,6 +296,22 @@ class SamplerState:
             for i, latent, frame in zip(rows, latents, frames, strict=True):
                 outcomes[i] = self._finish(requests[i], latent, frame)
         return [outcomes[i] for i in range(len(requests))]
+
+    def deliver(self, outcomes: list[FrameOutcome]) -> None:
+        """Encode each finished frame where it was made, and write it to its render's folder
+        when the backend is shared (then only its latent and digests travel back). A frame
+        that cannot be written becomes an infrastructure error of its render."""
+        for outcome in outcomes:
+            if outcome.error is not None:
+                continue
+            try:
+                out = self._outs.get(outcome.render_id)
+                if out is not None:
+                    outcome.write(out)
+                else:
+                    outcome.encode()
+            except Exception as e:
+                outcome.error, outcome.kind = f"writing frame {outcome.index}: {e}", "infra"
 
     def _finish(self, r: FrameWork, latent: torch.Tensor, frame: np.ndarray | None) -> FrameOutcome:
         try:
