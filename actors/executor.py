@@ -60,6 +60,12 @@ def ray_fault(error: BaseException) -> tuple[str, Kind]:
     return describe(error), classify(error)
 
 
+def _lost(error: BaseException) -> bool:
+    """The actor was lost (its node died, it was killed, it is restarting), not broken by its
+    own constructor: the work is waited for, not counted as a failed attempt."""
+    return isinstance(error, RayActorError) and not error.actor_init_failed
+
+
 @dataclass
 class _Pool:
     """Actors of one kind; a slot's actor is replaced when it is found dead for good."""
@@ -76,11 +82,14 @@ class _Pool:
             self.actors.append(self.make())
             self.started += 1
 
-    def next(self) -> tuple[Any, int]:
-        """(actor, slot), round robin."""
+    def next(self, avoid: set[int] | frozenset[int] = frozenset()) -> tuple[Any, int]:
+        """(actor, slot), round robin over the slots not in ``avoid`` (if any is left)."""
         self.ensure()
-        self.turn += 1
-        slot = self.turn % len(self.actors)
+        for _ in range(len(self.actors)):
+            self.turn += 1
+            slot = self.turn % len(self.actors)
+            if slot not in avoid:
+                break
         return self.actors[slot], slot
 
 
@@ -136,6 +145,7 @@ class RayExecutor(Executor):
             c.samplers,
         )
         self._preps: dict[str, _Prep] = {}
+        self._deferred: list[PrepareJob] = []
         self._specs: dict[str, Any] = {}
         self._busy: dict[Any, tuple[int, int, float]] = {}  # ref → (sampler, batch, start)
         self._probes: dict[Any, tuple[_Pool, int]] = {}
@@ -148,24 +158,38 @@ class RayExecutor(Executor):
 
     # -- prepare ------------------------------------------------------------------------------
 
+    def _probed(self, pool: _Pool) -> set[int]:
+        return {slot for p, slot in self._probing if p == id(pool)}
+
+    def _restarting(self, pool: _Pool) -> bool:
+        """Every actor of ``pool`` is being probed (restarting or being replaced)."""
+        pool.ensure()
+        return all((id(pool), slot) in self._probing for slot in range(len(pool.actors)))
+
     def prepare(self, job: PrepareJob) -> None:
         self.samplers.ensure()  # warm the Samplers while the first characters prepare
+        pools = [self.refiners] if not job.refined else []
+        pools += [self.trainers] if job.needs_adapter else []
+        pools += [self.backgrounds] if job.needs_plate else []
+        if any(self._restarting(p) for p in pools):  # start once an actor answers again
+            self._deferred.append(job)
+            return
         cfg = job.config.model_dump(mode="json")
         refs: dict[str, Any] = {}
         used: list[tuple[_Pool, int]] = []
         if job.refined:
             refs["refining"] = ray.put(job.refined)
         else:
-            refiner, slot = self.refiners.next()
+            refiner, slot = self.refiners.next(self._probed(self.refiners))
             refs["refining"] = refiner.refine.remote(cfg)
             used.append((self.refiners, slot))
         adapter: Any = job.adapter
         if job.needs_adapter:
-            trainer, slot = self.trainers.next()
+            trainer, slot = self.trainers.next(self._probed(self.trainers))
             adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"])
             used.append((self.trainers, slot))
         if job.needs_plate:
-            worker, slot = self.backgrounds.next()
+            worker, slot = self.backgrounds.next(self._probed(self.backgrounds))
             refs["background"] = worker.plate.remote(cfg, refs["refining"], job.keypoints0, adapter)
             used.append((self.backgrounds, slot))
         self._preps[job.render_id] = _Prep(job, refs, used)
@@ -197,7 +221,7 @@ class RayExecutor(Executor):
                 for pool, slot in prep.actors:
                     if (id(pool), slot) not in self._probing:
                         self._probe(pool, slot)
-            self._events.append(PrepareFailed(render_id, reason, kind))
+            self._events.append(PrepareFailed(render_id, reason, kind, worker_lost=_lost(e)))
             return
         seconds = {"prepare": time.perf_counter() - prep.started}
         adapter = got.get("training", prep.job.adapter)
@@ -229,6 +253,9 @@ class RayExecutor(Executor):
 
     def poll(self, timeout: float) -> list[Outcome]:
         self._due_reprobes()
+        deferred, self._deferred = self._deferred, []
+        for job in deferred:
+            self.prepare(job)
         refs = list(self._busy) + list(self._probes)
         owners = {}
         for render_id, prep in self._preps.items():
@@ -260,10 +287,9 @@ class RayExecutor(Executor):
         except Exception as e:
             reason, kind = ray_fault(e)
             log.warning("sampler %d: batch %d failed: %s", slot, batch_id, reason)
-            lost = isinstance(e, RayActorError)  # died, restarting or its node is gone
-            if lost:
+            if isinstance(e, RayActorError):
                 self._probe(self.samplers, slot)
-            self._events.append(BatchFailed(batch_id, reason, kind, worker_lost=lost))
+            self._events.append(BatchFailed(batch_id, reason, kind, worker_lost=_lost(e)))
             return
         self._memory["peak_rss_mb"] = max(self._memory["peak_rss_mb"], peak)
         self._memory["sessions_bytes"].update(sessions)
@@ -306,6 +332,7 @@ class RayExecutor(Executor):
 
     def release(self, render_id: str) -> None:
         self._preps.pop(render_id, None)
+        self._deferred = [j for j in self._deferred if j.render_id != render_id]
         if self._specs.pop(render_id, None) is not None:
             for actor in self.samplers.actors:
                 actor.close.remote(render_id)

@@ -120,6 +120,7 @@ class EngineCore:
             "restarts_waited": 0,
             "max_unwritten": 0,
             "held_for_writes": 0,
+            "written_by_workers": 0,
         }
         self._closed = False
         # Rung by the writer, finishers and loader (and the executor's background work) when
@@ -359,6 +360,9 @@ class EngineCore:
         if isinstance(outcome, StageStarted):
             self._set_state(live.id, outcome.stage)
         elif isinstance(outcome, PrepareFailed):
+            if outcome.worker_lost and self._wait_for_worker(live, outcome.error):
+                self.scheduler.requeue_prepare(live.id)
+                return
             self._retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
         else:
             try:
@@ -371,6 +375,7 @@ class EngineCore:
                 spec.out = live.out
             self.executor.open(live.id, spec)
             live.attempts = 0
+            live.lost_since = None
             self.scheduler.prepared(live.id)
 
     def _batch_done(self, batch: builtins.list[FrameRequest], done: BatchDone) -> None:
@@ -396,6 +401,7 @@ class EngineCore:
         self._writing[live.id] = self._writing.get(live.id, 0) + 1
         self.stats["max_unwritten"] = max(self.stats["max_unwritten"], self.unwritten)
         if outcome.written is not None:
+            self.stats["written_by_workers"] += 1
             self._written.put((live.id, outcome.index, None))
             return
 
@@ -452,24 +458,30 @@ class EngineCore:
     def _batch_failed(self, batch: builtins.list[FrameRequest], failed: BatchFailed) -> None:
         log.warning("batch of %d frames failed: %s", len(batch), failed.error)
         self.stats["retries"] += 1
-        now = time.monotonic()
         for request in batch:
             live = self._live.get(request.render_id)
             if live is None:
                 continue
-            if failed.worker_lost and not self.scheduler.status(live.id).stage.final:
-                # a lost worker is waited for (the executor restarts or replaces it) without
-                # spending attempts, for up to cluster.restart_wait_s per render
-                live.lost_since = live.lost_since or now
-                if now - live.lost_since <= self.config.cluster.restart_wait_s:
-                    self.stats["restarts_waited"] += 1
-                    self._event(live.id, {"type": "retry", "error": failed.error,
-                                          "attempt": live.attempts, "worker_lost": True})  # fmt: skip
-                    self.scheduler.requeue(
-                        [request] if request in self.scheduler.in_flight() else []
-                    )
-                    continue
+            if failed.worker_lost and self._wait_for_worker(live, failed.error):
+                if request in self.scheduler.in_flight():
+                    self.scheduler.requeue([request])
+                continue
             self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
+
+    def _wait_for_worker(self, live: LiveRender, error: str) -> bool:
+        """A lost worker (node gone, actor restarting) is waited for, the executor restarting
+        or replacing it, without spending attempts: True while the render has waited less than
+        ``cluster.restart_wait_s`` since its last finished frame."""
+        if self.scheduler.status(live.id).stage.final:
+            return False
+        now = time.monotonic()
+        live.lost_since = live.lost_since or now
+        if now - live.lost_since > self.config.cluster.restart_wait_s:
+            return False
+        self.stats["restarts_waited"] += 1
+        self._event(live.id, {"type": "retry", "error": error, "attempt": live.attempts,
+                              "worker_lost": True})  # fmt: skip
+        return True
 
     def _retry_or_fail(
         self,

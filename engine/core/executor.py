@@ -83,6 +83,8 @@ class PrepareFailed:
     render_id: str
     error: str
     kind: Kind
+    worker_lost: bool = False
+    """A worker of the stages died (see :attr:`BatchFailed.worker_lost`)."""
 
 
 @dataclass
