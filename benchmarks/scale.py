@@ -14,9 +14,9 @@ and reported). Finishing (video + manifest, the core's finisher threads) is skip
 after a render's last frame, outside the frame path measured here.
 
 Reported per (side, GPUs): frames/s; efficiency = the frames the GPUs computed in the steady
-window ÷ (window × GPUs × B ÷ T) (the window runs from the moment every GPU has had work until
-the last batch is handed out; a GPU the core leaves idle, or hands a part-full batch, lowers
-it), and end to end (durable frames ÷ wall time ÷ the ideal rate, ramp and tail included); the core's stepping-thread CPU ms per frame; the ramp-up until every GPU
+window ÷ (window × GPUs × B ÷ T) (GPUs × B renders; the window runs from the moment every GPU
+has had work until the first render ends; a GPU the core leaves idle, or hands a part-full
+batch, lowers it), and end to end (durable frames ÷ wall time ÷ the ideal rate, ramp and tail included); the core's stepping-thread CPU ms per frame; the ramp-up until every GPU
 is busy; the tail after the last batch is handed out; the peak unwritten backlog, and the peak RSS of
 the process and its growth during the run (each configuration runs in its own process). JSON at ``--out``
 (``efficiency["512"]["64"]`` = steady efficiency at 64 GPUs with 512² frames).
@@ -46,7 +46,7 @@ from engine.config import load_config
 from engine.core import EngineCore, RenderStore
 from engine.core.encode import EncodedFrame, frame_keys, latent_bytes, png_bytes
 from engine.core.executor import BatchDone, Executor, Outcome, Prepared, PrepareJob
-from engine.core.work import FrameOutcome, FrameWork, SessionSpec
+from engine.core.work import FrameOutcome, FrameWork, SessionSpec, deliver
 from engine.pose import save_poses_json, synthetic_dance
 from engine.storage import LocalStorage, Storage
 
@@ -97,7 +97,7 @@ class SimulatedGPUs(Executor):
         self._done: queue.Queue[Outcome] = queue.Queue()
         self._stop = False
         self._threads = [threading.Thread(target=self._finish_loop, daemon=True)
-                         for _ in range(min(32, max(2, gpus // 4)))]  # fmt: skip
+                         for _ in range(min(256, gpus))]  # fmt: skip
         for t in self._threads:
             t.start()
 
@@ -136,6 +136,8 @@ class SimulatedGPUs(Executor):
                     return
                 _, batch_id, gpu, work = heapq.heappop(self._timers)
             outcomes = [self._outcome(w) for w in work]
+            if self.write_on_worker:  # as the Sampler does: the batch's frames side by side
+                deliver(outcomes, self.outs.get)
             self._done.put(BatchDone(batch_id, outcomes, self.batch_s, 0.0))
             self._done.put(_Freed(gpu))
             self._ring()
@@ -145,11 +147,7 @@ class SimulatedGPUs(Executor):
         keys = frame_keys(w.index)
         encoded = EncodedFrame(w.index, {keys["pose"]: pose, keys["frame"]: frame,
                                          keys["latent"]: latent})  # fmt: skip
-        outcome = FrameOutcome(w.render_id, w.index, latent=self.latent, encoded=encoded)
-        out = self.outs.get(w.render_id)
-        if self.write_on_worker and out is not None:
-            outcome.write(out)
-        return outcome
+        return FrameOutcome(w.render_id, w.index, latent=self.latent, encoded=encoded)
 
     def poll(self, timeout: float) -> list[Outcome]:
         if self._done.empty():
@@ -207,7 +205,7 @@ def run_one(gpus: int, side: int, args: argparse.Namespace) -> dict[str, Any]:
         save_poses_json(synthetic_dance(frames=frames, fps=8, width=side, height=side),
                         root / "poses.json")  # fmt: skip
         overrides = [f"poses={root / 'poses.json'}", "prompt=a dancer", f"width={side}",
-                     f"height={side}", f"cluster.max_batch={batch}", "cluster.batch_wait_s=0",
+                     f"height={side}", f"cluster.max_batch={batch}",
                      "cluster.max_preparing=1024", "cluster.max_queued=100000",
                      f"cluster.max_unwritten_frames={args.max_unwritten}",
                      f"cluster.writers={args.writers}", "output.contact_sheet=false",
@@ -227,7 +225,15 @@ def run_one(gpus: int, side: int, args: argparse.Namespace) -> dict[str, Any]:
             core.submit(config, id=f"r{i}")
         submit_s = time.monotonic() - t0
         done_times: list[float] = []
-        core.on_event = lambda e: e["type"] == "frame" and done_times.append(time.monotonic())
+        last_frames: list[float] = []  # when each render's last frame became durable
+
+        def on_event(e: dict[str, Any]) -> None:
+            if e["type"] == "frame":
+                done_times.append(time.monotonic())
+                if e["frame"] == frames - 1:
+                    last_frames.append(time.monotonic())
+
+        core.on_event = on_event
         start = time.monotonic()
         cpu0 = time.thread_time()
         last_dispatch = start
@@ -247,12 +253,13 @@ def run_one(gpus: int, side: int, args: argparse.Namespace) -> dict[str, Any]:
     total = len(done_times)
     ideal = gpus * batch / batch_s
     ramp_end = max(executor.first_busy.values()) if len(executor.first_busy) == gpus else end
-    # steady window: every GPU has had work … the last batch was handed out; the frames the
-    # GPUs computed in it (each batch's frames weighted by its overlap with the window)
-    steady_s = last_dispatch - ramp_end
+    # steady window: every GPU has had work … the first render ended (from then on fewer
+    # frames than GPUs x B can be ready); the frames the GPUs computed in it, each batch's
+    # frames weighted by its overlap with the window
+    window_end = min(last_frames) if last_frames else end
+    steady_s = window_end - ramp_end
     computed = sum(
-        n * max(0.0, min(b, last_dispatch) - max(a, ramp_end)) / batch_s
-        for a, b, n in executor.spans
+        n * max(0.0, min(b, window_end) - max(a, ramp_end)) / batch_s for a, b, n in executor.spans
     )
     steady = computed / steady_s / ideal if steady_s >= batch_s else None
     return {
@@ -302,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, nargs="+", default=list(GPUS))
     p.add_argument("--sides", type=int, nargs="+", default=list(SIDES))
     p.add_argument("--batch", type=int, default=8, help="frames per simulated batch (B)")
-    p.add_argument("--frames", type=int, default=4, help="frames per render")
+    p.add_argument("--frames", type=int, default=6, help="frames per render")
     p.add_argument("--frame-s", type=float, default=0.25,
                    help="simulated GPU seconds per frame (T = B × this)")  # fmt: skip
     p.add_argument(

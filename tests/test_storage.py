@@ -226,3 +226,36 @@ def test_a_slow_backend_bounds_the_backlog(tmp_path: Path, chain):
     # a batch is handed out only below the bound; one batch in flight may finish past it
     assert core.stats["max_unwritten"] <= bound - 1 + batch, core.stats["max_unwritten"]
     assert core.stats["held_for_writes"] > 0, "the bound never held a batch back"
+
+
+def test_serve_downloads_stream_from_the_bucket(tmp_path: Path, s3: str, tiny_chain):
+    """With renders in a bucket, the ingress streams video, frames and contact sheet from the
+    bucket (byte ranges included); no artefact is on the service's local disk."""
+    from serve_helpers import auth, body, make_args, make_client, wait_state
+
+    storage = ["storage.uri=s3://renders/serve", f"storage.endpoint_url={s3}"]
+    args = make_args(tmp_path / "serve", set=storage)
+    client, service = make_client(args, tiny_chain)
+    try:
+        r = client.post("/v1/renders", json=body(seed=4), headers=auth("alice"))
+        assert r.status_code == 202, r.text
+        render_id = r.json()["id"]
+        assert wait_state(client, render_id, "alice", {"done", "failed"})["state"] == "done"
+        url = f"/v1/renders/{render_id}/video"
+        full = client.get(url, headers=auth("alice"))
+        in_bucket = s3_storage(s3, "serve").get(f"{render_id}/video.mp4")
+        assert full.status_code == 200 and full.content == in_bucket
+        part = client.get(url, headers={**auth("alice"), "Range": "bytes=10-99"})
+        assert part.status_code == 206 and part.content == in_bucket[10:100]
+        assert part.headers["content-range"] == f"bytes 10-99/{len(in_bucket)}"
+        tail = client.get(url, headers={**auth("alice"), "Range": "bytes=-16"})
+        assert tail.status_code == 206 and tail.content == in_bucket[-16:]
+        beyond = client.get(url, headers={**auth("alice"), "Range": f"bytes={len(in_bucket)}-"})
+        assert beyond.status_code == 416
+        for path in ("frames/0", "contact-sheet"):
+            png = client.get(f"/v1/renders/{render_id}/{path}", headers=auth("alice"))
+            assert png.status_code == 200 and png.content.startswith(b"\x89PNG"), path
+    finally:
+        service.close()
+    local = [p.name for p in (tmp_path / "serve").rglob("*") if p.suffix in (".mp4", ".png")]
+    assert not local, local

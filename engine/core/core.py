@@ -331,10 +331,11 @@ class EngineCore:
         return sum(self._writing.values())
 
     def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
-        """Wait window: hold back a part-full batch while renders are still preparing (they
-        would otherwise join one frame later, unbatched), at most ``cluster.batch_wait_s``."""
+        """Wait window: hold back a part-full batch while renders are still being loaded or
+        prepared (they would otherwise join one frame later, unbatched, and stay out of step
+        with the full batches), at most ``cluster.batch_wait_s``."""
         c = self.config.cluster
-        preparing = any(
+        preparing = bool(self._loading) or any(
             self.scheduler.status(r).stage is Stage.PREPARING for r in self.scheduler.active()
         )
         if len(batch) >= c.max_batch or not preparing or c.batch_wait_s <= 0:

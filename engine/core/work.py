@@ -13,6 +13,7 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -299,19 +300,8 @@ class SamplerState:
 
     def deliver(self, outcomes: list[FrameOutcome]) -> None:
         """Encode each finished frame where it was made, and write it to its render's folder
-        when the backend is shared (then only its latent and digests travel back). A frame
-        that cannot be written becomes an infrastructure error of its render."""
-        for outcome in outcomes:
-            if outcome.error is not None:
-                continue
-            try:
-                out = self._outs.get(outcome.render_id)
-                if out is not None:
-                    outcome.write(out)
-                else:
-                    outcome.encode()
-            except Exception as e:
-                outcome.error, outcome.kind = f"writing frame {outcome.index}: {e}", "infra"
+        when the backend is shared (see :func:`deliver`)."""
+        deliver(outcomes, self._outs.get)
 
     def _finish(self, r: FrameWork, latent: torch.Tensor, frame: np.ndarray | None) -> FrameOutcome:
         try:
@@ -328,6 +318,35 @@ class SamplerState:
             )
         except Exception as e:
             return _failed(r, e)
+
+
+def deliver(
+    outcomes: list[FrameOutcome],
+    out_of: Callable[[str], Storage | None],
+    threads: int = 8,
+) -> None:
+    """Encode a batch's finished frames and write each to its render's folder ``out_of(id)``
+    when that is a shared backend (then only its latent and digests travel back), the frames
+    side by side (PNG encoding and object-store PUTs release the GIL), so a batch costs about
+    one frame's delivery. A frame that cannot be written becomes an infrastructure error."""
+
+    def one(outcome: FrameOutcome) -> None:
+        try:
+            out = out_of(outcome.render_id)
+            if out is not None:
+                outcome.write(out)
+            else:
+                outcome.encode()
+        except Exception as e:
+            outcome.error, outcome.kind = f"writing frame {outcome.index}: {e}", "infra"
+
+    todo = [o for o in outcomes if o.error is None]
+    if len(todo) <= 1:
+        for outcome in todo:
+            one(outcome)
+        return
+    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="deliver") as pool:
+        list(pool.map(one, todo))
 
 
 def _failed(r: FrameWork, e: BaseException) -> FrameOutcome:
