@@ -17,6 +17,7 @@ Sampler; with a shared backend (an object store) the Sampler writes them itself.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -123,7 +124,11 @@ class RayExecutor(Executor):
         if credentials and config.storage.uri and "://" in config.storage.uri:
             # Samplers write frames to the object store: its credentials travel with them
             opts["runtime_env"] = {"env_vars": credentials}
-        self.refiners = _Pool(lambda: Refiner.options(**opts).remote(), 1)  # type: ignore[attr-defined]
+        # the refiner's OpenAI-compatible server settings (OPENAI_API_KEY, OPENAI_BASE_URL)
+        # reach it from this process's environment, whichever node it lands on
+        secrets = {k: v for k, v in os.environ.items() if k.startswith("OPENAI_")}
+        refiner_opts = {**opts, "runtime_env": {"env_vars": secrets}} if secrets else opts
+        self.refiners = _Pool(lambda: Refiner.options(**refiner_opts).remote(), 1)  # type: ignore[attr-defined]
         self.trainers = _Pool(
             lambda: AppearanceTrainer.options(num_gpus=c.trainer_gpus, **opts).remote(model),  # type: ignore[attr-defined]
             c.trainers,
