@@ -184,7 +184,7 @@ class EngineCore:
             record = self.get(render_id)
             if record.final:
                 return record
-            if render_id in self._live and not self.scheduler.status(render_id).stage.final:
+            if render_id in self._live and not self.scheduler.stage(render_id).final:
                 self.scheduler.cancel(render_id)
                 self._drain_scheduler()
             else:  # still loading or finishing: the result is dropped when it arrives
@@ -212,9 +212,7 @@ class EngineCore:
     def idle(self) -> bool:
         with self._lock:
             busy = self._loading or self._finishing or self._inflight or self._writing
-            return not busy and not any(
-                not self.scheduler.status(r).stage.final for r in self._live
-            )
+            return not busy and not any(not self.scheduler.stage(r).final for r in self._live)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -335,10 +333,12 @@ class EngineCore:
         prepared (they would otherwise join one frame later, unbatched, and stay out of step
         with the full batches), at most ``cluster.batch_wait_s``."""
         c = self.config.cluster
+        if len(batch) >= c.max_batch or c.batch_wait_s <= 0:
+            return False
         preparing = bool(self._loading) or any(
-            self.scheduler.status(r).stage is Stage.PREPARING for r in self.scheduler.active()
+            self.scheduler.stage(r) is Stage.PREPARING for r in self.scheduler.active()
         )
-        if len(batch) >= c.max_batch or not preparing or c.batch_wait_s <= 0:
+        if not preparing:
             return False
         now = time.monotonic()
         if self._waiting_since is None:
@@ -356,7 +356,7 @@ class EngineCore:
                 self._batch_done(batch, outcome)
             return
         live = self._live.get(outcome.render_id)
-        if live is None or self.scheduler.status(live.id).stage is not Stage.PREPARING:
+        if live is None or self.scheduler.stage(live.id) is not Stage.PREPARING:
             return  # cancelled or failed meanwhile
         if isinstance(outcome, StageStarted):
             self._set_state(live.id, outcome.stage)
@@ -384,7 +384,7 @@ class EngineCore:
         per_frame = done.seconds
         for outcome in done.outcomes:
             live = self._live.get(outcome.render_id)
-            if live is None or self.scheduler.status(live.id).stage is not Stage.RENDERING:
+            if live is None or self.scheduler.stage(live.id) is not Stage.RENDERING:
                 continue
             live.peak_rss_mb = max(live.peak_rss_mb, live_peak)
             if outcome.error is not None:
@@ -444,14 +444,14 @@ class EngineCore:
                 self.store.update(render_id, **fields)
                 self._event(render_id, {"type": "frame", "frame": frame, **fields,
                                         "frames_total": total})  # fmt: skip
-            if live.durable_upto == total and self.scheduler.status(render_id).stage is Stage.DONE:
+            if live.durable_upto == total and self.scheduler.stage(render_id) is Stage.DONE:
                 self._finish(live)
 
     def _lost_frame(self, live: LiveRender, index: int, error: BaseException) -> None:
         """A frame's files could not be written (disk full, …): the render fails with why."""
         reason = f"saving frame {index}: {describe(error)}"
         live.error_kind = classify(error)
-        if self.scheduler.status(live.id).stage is Stage.DONE:
+        if self.scheduler.stage(live.id) is Stage.DONE:
             self._fail_now(live.id, reason, live.error_kind)
         else:
             self.scheduler.fail(live.id, reason)
@@ -473,7 +473,7 @@ class EngineCore:
         """A lost worker (node gone, actor restarting) is waited for, the executor restarting
         or replacing it, without spending attempts: True while the render has waited less than
         ``cluster.restart_wait_s`` since its last finished frame."""
-        if self.scheduler.status(live.id).stage.final:
+        if self.scheduler.stage(live.id).final:
             return False
         now = time.monotonic()
         live.lost_since = live.lost_since or now
@@ -495,7 +495,7 @@ class EngineCore:
     ) -> None:
         """An infra fault is retried up to ``cluster.max_attempts``; an input fault fails now."""
         live = self._live[render_id]
-        if self.scheduler.status(render_id).stage.final:
+        if self.scheduler.stage(render_id).final:
             return
         live.attempts += 1
         self.store.update(render_id, attempts=live.attempts)
@@ -593,7 +593,7 @@ class EngineCore:
         """Free everything held for a render that ended: its runtime state here, its scheduler
         entry, the executor's sessions and adapters, and (once nothing writes) its folder lock."""
         self._live.pop(render_id, None)
-        if render_id in self.scheduler.known() and self.scheduler.status(render_id).stage.final:
+        if render_id in self.scheduler.known() and self.scheduler.stage(render_id).final:
             self.scheduler.forget(render_id)
         self.executor.release(render_id)
         busy = (self._finishing, self._loading, self._writing)
