@@ -1,25 +1,29 @@
 """Scale benchmark: can one engine core feed 1 … 256 GPUs? ``python -m benchmarks.scale``
 
 The real engine core (scheduler, SQLite index, loader, writers, backlog bound) and the real
-storage backend (a local folder: temp + fsync + rename per object; or ``--storage URI``), with a
+storage backend (a local folder: temp + fsync + rename per object, under ``--tmp``), with a
 simulated GPU executor: a batch of B frames takes T = B × ``--frame-s`` seconds of wall time
 (no CPU) and yields real frames of the configured size — real PNG bytes and a real
-(1, 4, side/8, side/8) float32 latent per frame — that are written where the real system writes
-them: by the worker itself on a shared backend (``--write worker``, the object-store case), or
-sent back encoded and written by the core's writer pool (``--write head``, a head-local folder).
+(1, 4, side/8, side/8) float32 latent per frame — written where the real system writes them:
+by the worker itself on a shared backend (``--write worker``: the folder is declared shared, as
+an object store is), or sent back encoded and written by the core's writer pool (``--write
+head``, a head-local folder). A worker delivers a batch's frames side by side, as the Sampler
+does (:func:`engine.core.work.deliver`).
 
 Encoding: each simulated GPU encodes a pool of 8 distinct frames once and reuses their bytes; on
-a real cluster the encoding runs on the GPU node's CPU inside T (its cost per frame is measured
-and reported). Finishing (video + manifest, the core's finisher threads) is skipped: it runs
-after a render's last frame, outside the frame path measured here.
+a real cluster the encoding runs on the GPU node's CPU inside T (its cost per frame on this
+machine is reported). Finishing (video + manifest, the core's finisher threads) is skipped: it
+runs after a render's last frame, outside the frame path measured here.
 
-Reported per (side, GPUs): frames/s; efficiency = the frames the GPUs computed in the steady
-window ÷ (window × GPUs × B ÷ T) (GPUs × B renders; the window runs from the moment every GPU
-has had work until the first render ends; a GPU the core leaves idle, or hands a part-full
-batch, lowers it), and end to end (durable frames ÷ wall time ÷ the ideal rate, ramp and tail included); the core's stepping-thread CPU ms per frame; the ramp-up until every GPU
-is busy; the tail after the last batch is handed out; the peak unwritten backlog, and the peak RSS of
-the process and its growth during the run (each configuration runs in its own process). JSON at ``--out``
-(``efficiency["512"]["64"]`` = steady efficiency at 64 GPUs with 512² frames).
+Reported per (side, GPUs), with GPUs × B renders of ``--frames`` frames: frames/s; efficiency =
+the frames the GPUs computed in the steady window ÷ (window × GPUs × B ÷ T), where the window
+runs from the moment every GPU has had work until the first render ends (a GPU the core leaves
+idle, or hands a part-full batch, lowers it); efficiency end to end (durable frames ÷ wall time
+÷ the ideal rate, ramp and tail included); the core's stepping-thread CPU ms per frame; the
+ramp-up until every GPU has had work; the tail after the last batch is handed out; the peak
+unwritten backlog; the peak RSS of the process and its growth during the run (each
+configuration runs in its own process). JSON at ``--out`` (``efficiency["512"]["64"]`` = steady
+efficiency at 64 GPUs with 512² frames).
 """
 
 from __future__ import annotations
@@ -387,7 +391,7 @@ def _report(records: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
             k: str(v) if isinstance(v, Path) else v
             for k, v in vars(args).items()
             if k not in ("one", "out")
-        },  # fmt: skip
+        },
         "encode_ms_per_frame": {str(s): encode_cost_ms(s) for s in args.sides},
         "efficiency": efficiency,
         "target": {
