@@ -42,6 +42,7 @@ from engine.core.inputs import snapshot_inputs
 from engine.core.live import LiveRender, finalize, load_render, save_prepared
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
 from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
+from engine.core.writes import FrameWriter, advance
 
 log = logging.getLogger(__name__)
 
@@ -100,13 +101,6 @@ class EngineCore:
         self._finishing: set[str] = set()
         self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
-        # Frames are written by a pool of writer threads while the Samplers denoise the next
-        # batches (or by the Samplers themselves on a shared backend); a frame's event (and the
-        # store's frames_done) follows its files, never precedes them, and at most
-        # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
-        self._writer = ThreadPoolExecutor(c.writers, thread_name_prefix="write")
-        self._written: queue.Queue[tuple[str, int, BaseException | None]] = queue.Queue()
-        self._writing: dict[str, int] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         # Two finishers: the videos of renders that end together encode side by side (ffmpeg).
         self._finisher = ThreadPoolExecutor(2, thread_name_prefix="finish")
@@ -127,6 +121,11 @@ class EngineCore:
         # they hand something over, so an idle step wakes for it instead of sleeping 50 ms.
         self._doorbell = threading.Event()
         executor.doorbell = self._doorbell
+        # Frames are written by a pool of writer threads while the Samplers denoise the next
+        # batches (or by the Samplers themselves on a shared backend); a frame's event (and the
+        # store's frames_done) follows its files, never precedes them, and at most
+        # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
+        self._writer = FrameWriter(c.writers, self._doorbell, self.stats)
         if resume:
             for record in store.unfinished():
                 log.info("resuming render %s (%s)", record.id, record.state)
@@ -211,7 +210,7 @@ class EngineCore:
     @property
     def idle(self) -> bool:
         with self._lock:
-            busy = self._loading or self._finishing or self._inflight or self._writing
+            busy = self._loading or self._finishing or self._inflight or self._writer.writing()
             return not busy and not any(not self.scheduler.stage(r).final for r in self._live)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -247,7 +246,7 @@ class EngineCore:
             return
         self._closed = True
         self._loader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True)
+        self._writer.close()
         self._finisher.shutdown(wait=True)
         self.executor.close()
         self.store.close()
@@ -326,7 +325,7 @@ class EngineCore:
     @property
     def unwritten(self) -> int:
         """Finished frames whose files are not durable yet (queued for or in the writers)."""
-        return sum(self._writing.values())
+        return self._writer.unwritten
 
     def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
         """Wait window: hold back a part-full batch while renders are still being loaded or
@@ -392,55 +391,26 @@ class EngineCore:
                 self._retry_or_fail(live.id, outcome.error, outcome.kind or "infra", [request])
                 continue
             live.keep_latent(outcome)
-            self._write(live, outcome)
+            self._writer.submit(live, outcome)
             live.attempts = 0
             live.lost_since = None
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
 
-    def _write(self, live: LiveRender, outcome: Any) -> None:
-        """Persist a frame on a writer thread (a frame its worker wrote is durable already)."""
-        self._writing[live.id] = self._writing.get(live.id, 0) + 1
-        self.stats["max_unwritten"] = max(self.stats["max_unwritten"], self.unwritten)
-        if outcome.written is not None:
-            self.stats["written_by_workers"] += 1
-            self._written.put((live.id, outcome.index, None))
-            return
-
-        def write() -> None:
-            try:
-                self._written.put((live.id, live.persist(outcome), None))
-            except BaseException as e:
-                self._written.put((live.id, outcome.index, e))
-            self._doorbell.set()
-
-        self._writer.submit(write)
-
     def _take_written(self) -> None:
-        """Frames whose files landed: record them, emit their events, finish complete renders."""
-        while True:
-            try:
-                render_id, index, error = self._written.get_nowait()
-            except queue.Empty:
-                return
-            self._writing[render_id] -= 1
-            if not self._writing[render_id]:
-                del self._writing[render_id]
+        """Frames whose files landed: record them, emit their events (in frame order), finish
+        complete renders."""
+        for render_id, index, error in self._writer.take():
             live = self._live.get(render_id)
             if live is None:  # ended meanwhile: release its folder once nothing writes there
-                if render_id not in self._writing and render_id not in self._finishing:
+                if not self._writer.writing(render_id) and render_id not in self._finishing:
                     self.store.unlock(render_id)
                 continue
             if error is not None:
                 self._lost_frame(live, index, error)
                 continue
-            # Writers run in parallel: a frame counts once every frame before it is durable too.
-            live.durable.add(index)
             total = live.frames
-            while live.durable_upto in live.durable:
-                live.durable.discard(live.durable_upto)
-                frame = live.durable_upto
-                live.durable_upto += 1
-                fields = {"frames_done": live.durable_upto, "eta_s": live.eta_s}
+            for frame in advance(live, index):
+                fields = {"frames_done": frame + 1, "eta_s": live.eta_s}
                 self.store.update(render_id, **fields)
                 self._event(render_id, {"type": "frame", "frame": frame, **fields,
                                         "frames_total": total})  # fmt: skip
@@ -596,8 +566,8 @@ class EngineCore:
         if render_id in self.scheduler.known() and self.scheduler.stage(render_id).final:
             self.scheduler.forget(render_id)
         self.executor.release(render_id)
-        busy = (self._finishing, self._loading, self._writing)
-        if not any(render_id in b for b in busy):
+        busy = (self._finishing, self._loading)
+        if not any(render_id in b for b in busy) and not self._writer.writing(render_id):
             self.store.unlock(render_id)
 
     def _event(self, render_id: str, data: dict[str, Any]) -> None:
