@@ -35,6 +35,7 @@ class FrameWriter:
     def __init__(self, threads: int, doorbell: threading.Event, stats: dict[str, Any]):
         self._pool = ThreadPoolExecutor(threads, thread_name_prefix="write")
         self._done: queue.Queue[Written] = queue.Queue()
+        self._durable: queue.Queue[Written] = queue.Queue()  # written by their workers
         self._pending: dict[str, int] = {}
         self._doorbell = doorbell
         self.stats = stats
@@ -45,17 +46,20 @@ class FrameWriter:
         return sum(self._pending.values())
 
     def writing(self, render_id: str | None = None) -> bool:
-        """Frames of ``render_id`` (of any render when None) are still being written."""
-        return bool(self._pending) if render_id is None else render_id in self._pending
+        """Frames of ``render_id`` are still being written; with None: frames of any render
+        are being written or wait to be counted."""
+        if render_id is None:
+            return bool(self._pending) or not self._durable.empty()
+        return render_id in self._pending
 
     def submit(self, live: LiveRender, outcome: FrameOutcome) -> None:
         """Persist a frame on a writer thread (a frame its worker wrote is durable already)."""
+        if outcome.written is not None:  # durable already: nothing held here
+            self.stats["written_by_workers"] += 1
+            self._durable.put((live.id, outcome.index, None))
+            return
         self._pending[live.id] = self._pending.get(live.id, 0) + 1
         self.stats["max_unwritten"] = max(self.stats["max_unwritten"], self.unwritten)
-        if outcome.written is not None:
-            self.stats["written_by_workers"] += 1
-            self._done.put((live.id, outcome.index, None))
-            return
 
         def write() -> None:
             try:
@@ -69,6 +73,11 @@ class FrameWriter:
     def take(self) -> Iterator[Written]:
         """The frames whose writes finished since the last call (their count released)."""
         while True:
+            try:
+                yield self._durable.get_nowait()
+                continue
+            except queue.Empty:
+                pass
             try:
                 render_id, index, error = self._done.get_nowait()
             except queue.Empty:
