@@ -152,7 +152,7 @@ class SimulatedGPUs(Executor):
         keys = frame_keys(w.index)
         encoded = EncodedFrame(w.index, {keys["pose"]: pose, keys["frame"]: frame,
                                          keys["latent"]: latent})  # fmt: skip
-        return FrameOutcome(w.render_id, w.index, latent=self.latent, encoded=encoded)
+        return FrameOutcome(w.render_id, w.index, latent=self.latent.copy(), encoded=encoded)
 
     def poll(self, timeout: float) -> list[Outcome]:
         if self._done.empty():
