@@ -191,7 +191,7 @@ class RayExecutor(Executor):
         adapter: Any = job.adapter
         if job.needs_adapter:
             trainer, slot = self.trainers.next(self._probed(self.trainers))
-            adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"])
+            adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"], job.shared)
             used.append((self.trainers, slot))
         if job.needs_plate:
             worker, slot = self.backgrounds.next(self._probed(self.backgrounds))

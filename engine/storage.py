@@ -99,6 +99,10 @@ class Storage(ABC):
         """The same backend scoped to ``prefix`` under this view."""
         return self._clone(_join(self.prefix, check_key(prefix)))
 
+    def root_view(self) -> Storage:
+        """The same backend, unscoped (its root)."""
+        return self._clone("")
+
     def put(self, key: str, data: bytes) -> str:
         """Write ``data`` atomically under ``key``; returns its sha256 (hex)."""
         self._put(self._full(key), data)

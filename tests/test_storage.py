@@ -5,6 +5,7 @@ and the bounded write backlog behind a deliberately slow backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import shutil
@@ -161,7 +162,6 @@ def test_sigkilled_core_resumes_from_the_bucket(tmp_path: Path, s3: str, chain):
         assert resumed.get("r").state == "done", resumed.get("r").error
     finally:
         resumed.close()
-    import json
 
     manifest = json.loads(storage.get("r/manifest.json"))
     assert manifest["resumed_from"] >= 2
@@ -259,3 +259,28 @@ def test_serve_downloads_stream_from_the_bucket(tmp_path: Path, s3: str, tiny_ch
         service.close()
     local = [p.name for p in (tmp_path / "serve").rglob("*") if p.suffix in (".mp4", ".png")]
     assert not local, local
+
+
+def test_adapters_are_shared_through_the_bucket(tmp_path: Path, s3: str, chain):
+    """A LoRA trained on one node (its own cache_dir) is reused from the bucket by a render on
+    another node (another cache_dir): trained once, identical weights."""
+    lora = ["alignment.intra_frame=true", "appearance.references=2", "appearance.steps=4",
+            "output.contact_sheet=false"]  # fmt: skip
+    storage = s3_storage(s3, "adapters")
+    records = {}
+    for node in ("a", "b"):
+        config = load_config(None, overrides=[*base(tmp_path), *lora,
+                                              f"cache_dir={tmp_path / node}"])  # fmt: skip
+        core = EngineCore(config, RenderStore(tmp_path / f"index-{node}", storage=storage),
+                          InProcessExecutor(config, chain, overlap=False))  # fmt: skip
+        try:
+            core.submit(config, id=f"r{node}")
+            core.run_until_idle(timeout_s=300)
+            assert core.get(f"r{node}").state == "done", core.get(f"r{node}").error
+        finally:
+            core.close()
+        manifest = json.loads(storage.get(f"r{node}/manifest.json"))
+        records[node] = manifest["stages"]["adapter"]
+    assert records["a"]["trained"] is True and records["b"]["trained"] is False, records
+    assert records["a"]["digest"] == records["b"]["digest"]
+    assert any(k.startswith("cache/adapters/") for k in storage.keys("cache"))

@@ -106,12 +106,15 @@ class LiveRender:
         )
 
     def prepare_job(self) -> PrepareJob:
+        """The prepare stages this render still needs (a shared backend shares the caches)."""
         plate = self.plate
         if plate is None and self.config.alignment.background:
             plate = self.supplied_plate
+        shared = self.out.root_view() if self.out.shared else None
         return PrepareJob(
-            self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate
-        )
+            self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate,
+            shared,
+        )  # fmt: skip
 
     def work(self, index: int) -> FrameWork:
         previous = self.latents.get(index - 1) if index > 0 else None

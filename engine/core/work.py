@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -141,20 +142,29 @@ def refine_stage(config: RenderConfig) -> dict[str, Any]:
 
 
 def appearance_stage(
-    chain: FrameChain, config: RenderConfig, refined: dict[str, Any]
+    chain: FrameChain,
+    config: RenderConfig,
+    refined: dict[str, Any],
+    shared: Storage | None = None,
 ) -> AdapterPayload:
-    """Get (train once, then cache) the character's appearance LoRA."""
+    """Get (train once, then cache) the character's appearance LoRA. With a ``shared`` backend
+    the cache is content-addressed there too (``cache/adapters/<key>/``): a node reuses the
+    adapter another node trained."""
     from engine.appearance import get_or_train_adapter
+    from engine.appearance.cache import adapter_key
     from engine.method import cache_root
     from engine.refine import RefinedPrompt
 
+    prompt = RefinedPrompt.model_validate(refined)
+    key = adapter_key(chain.parts.name, prompt, config.appearance, sampler=config.sampler)
+    folder = cache_root(config) / "adapters" / key
+    if shared is not None:
+        fetch_adapter(shared.sub(f"cache/adapters/{key}"), folder)
     adapter = get_or_train_adapter(
-        chain,
-        RefinedPrompt.model_validate(refined),
-        config.appearance,
-        cache_root(config),
-        sampler=config.sampler,
+        chain, prompt, config.appearance, cache_root(config), sampler=config.sampler
     )
+    if shared is not None and adapter.trained:
+        publish_adapter(folder, shared.sub(f"cache/adapters/{key}"))
     record = {"name": adapter.name, "path": str(adapter.path), "trained": adapter.trained}
     return AdapterPayload(adapter.name, adapter.weights, adapter.weights.digest(), record)
 
@@ -188,6 +198,39 @@ def background_stage(
         seed=config.seed,
         adapter=name,
     )
+
+
+def fetch_adapter(remote: Storage, folder: Path) -> bool:
+    """Copy a complete adapter folder from the shared cache into the local cache ``folder``
+    (atomically: a temporary sibling renamed into place); False if the cache lacks it."""
+    import shutil
+    import tempfile
+
+    from engine.appearance.adapter import ADAPTER_FILE, META_FILE, is_complete
+
+    if is_complete(folder) or not remote.exists(META_FILE) or not remote.exists(ADAPTER_FILE):
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".fetch-{folder.name}-"))
+    try:
+        remote.get_dir("", tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not is_complete(folder):  # not another process that fetched it meanwhile
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def publish_adapter(folder: Path, remote: Storage) -> None:
+    """Upload a trained adapter folder to the shared cache, its metadata file last (a reader
+    takes a folder with both files as complete)."""
+    from engine.appearance.adapter import META_FILE
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE)
+    for path in [*files, folder / META_FILE]:
+        remote.put(path.relative_to(folder).as_posix(), path.read_bytes())
 
 
 def ensure_adapter(chain: FrameChain, adapter: AdapterPayload | None) -> str | None:
