@@ -283,4 +283,5 @@ def test_adapters_are_shared_through_the_bucket(tmp_path: Path, s3: str, chain):
         records[node] = manifest["stages"]["adapter"]
     assert records["a"]["trained"] is True and records["b"]["trained"] is False, records
     assert records["a"]["digest"] == records["b"]["digest"]
+    assert records["b"]["shared"].startswith("s3://renders/adapters/cache/adapters/")
     assert any(k.startswith("cache/adapters/") for k in storage.keys("cache"))

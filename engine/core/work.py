@@ -166,6 +166,8 @@ def appearance_stage(
     if shared is not None and adapter.trained:
         publish_adapter(folder, shared.sub(f"cache/adapters/{key}"))
     record = {"name": adapter.name, "path": str(adapter.path), "trained": adapter.trained}
+    if shared is not None:  # where every node finds it (the path above is the trainer's disk)
+        record["shared"] = shared.sub(f"cache/adapters/{key}").uri
     return AdapterPayload(adapter.name, adapter.weights, adapter.weights.digest(), record)
 
 
