@@ -7,13 +7,17 @@ first need and live as long as the executor (a finished manifest re-run starts n
 
 Faults: a worker that raises gives the error's own kind (input or infrastructure); a dead actor
 (killed, node lost, constructor failed) is an infrastructure fault — its in-flight work comes back
-as failed, and a liveness probe replaces the actor by a new one once Ray has given up restarting
-it. The engine core retries infrastructure faults up to ``cluster.max_attempts``.
+as failed with ``worker_lost`` (the core requeues it without spending an attempt, for up to
+``cluster.restart_wait_s``), and a liveness probe (backing off from 0.5 s to 10 s) waits for
+Ray's restart or replaces the actor by a new one, on a surviving node, once Ray has given up
+restarting it. Samplers are spread across nodes (``SPREAD``). Frames are encoded on the
+Sampler; with a shared backend (an object store) the Sampler writes them itself.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -36,6 +40,7 @@ from engine.core.executor import (
 )
 from engine.core.faults import Kind, classify, describe
 from engine.core.work import FrameWork, SessionSpec, padding_policy
+from engine.storage import env_credentials
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +61,12 @@ def ray_fault(error: BaseException) -> tuple[str, Kind]:
     return describe(error), classify(error)
 
 
+def _lost(error: BaseException) -> bool:
+    """The actor was lost (its node died, it was killed, it is restarting), not broken by its
+    own constructor: the work is waited for, not counted as a failed attempt."""
+    return isinstance(error, RayActorError) and not error.actor_init_failed
+
+
 @dataclass
 class _Pool:
     """Actors of one kind; a slot's actor is replaced when it is found dead for good."""
@@ -72,11 +83,14 @@ class _Pool:
             self.actors.append(self.make())
             self.started += 1
 
-    def next(self) -> tuple[Any, int]:
-        """(actor, slot), round robin."""
+    def next(self, avoid: set[int] | frozenset[int] = frozenset()) -> tuple[Any, int]:
+        """(actor, slot), round robin over the slots not in ``avoid`` (if any is left)."""
         self.ensure()
-        self.turn += 1
-        slot = self.turn % len(self.actors)
+        for _ in range(len(self.actors)):
+            self.turn += 1
+            slot = self.turn % len(self.actors)
+            if slot not in avoid:
+                break
         return self.actors[slot], slot
 
 
@@ -104,8 +118,17 @@ class RayExecutor(Executor):
         c = config.cluster
         model = config.model.model_dump(mode="json")
         # num_cpus=0: placement by GPUs only (a CPU-only test cluster has 2 cores for 4+ actors).
-        opts = {"max_restarts": c.max_restarts, "max_task_retries": 0, "num_cpus": 0}
-        self.refiners = _Pool(lambda: Refiner.options(**opts).remote(), 1)  # type: ignore[attr-defined]
+        opts: dict[str, Any] = {"max_restarts": c.max_restarts, "max_task_retries": 0,
+                                "num_cpus": 0}  # fmt: skip
+        credentials = env_credentials()
+        if credentials and config.storage.uri and "://" in config.storage.uri:
+            # Samplers write frames to the object store: its credentials travel with them
+            opts["runtime_env"] = {"env_vars": credentials}
+        # the refiner's OpenAI-compatible server settings (OPENAI_API_KEY, OPENAI_BASE_URL)
+        # reach it from this process's environment, whichever node it lands on
+        secrets = {k: v for k, v in os.environ.items() if k.startswith("OPENAI_")}
+        refiner_opts = {**opts, "runtime_env": {"env_vars": secrets}} if secrets else opts
+        self.refiners = _Pool(lambda: Refiner.options(**refiner_opts).remote(), 1)  # type: ignore[attr-defined]
         self.trainers = _Pool(
             lambda: AppearanceTrainer.options(num_gpus=c.trainer_gpus, **opts).remote(model),  # type: ignore[attr-defined]
             c.trainers,
@@ -115,42 +138,63 @@ class RayExecutor(Executor):
             c.backgrounds,
         )
         tag = uuid.uuid4().hex[:8]  # named (findable by operators and fault tests), unique
+        # SPREAD: one Sampler per GPU across the nodes, not packed on one (a lost node then
+        # takes only its share of the Samplers with it).
         self.samplers = _Pool(
             lambda: Sampler.options(  # type: ignore[attr-defined]
-                num_gpus=c.sampler_gpus, name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}", **opts
+                num_gpus=c.sampler_gpus,
+                name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}",
+                scheduling_strategy="SPREAD",
+                **opts,
             ).remote(model, c.max_batch, padding_policy(config)),
             c.samplers,
         )
         self._preps: dict[str, _Prep] = {}
+        self._deferred: list[PrepareJob] = []
         self._specs: dict[str, Any] = {}
         self._busy: dict[Any, tuple[int, int, float]] = {}  # ref → (sampler, batch, start)
         self._probes: dict[Any, tuple[_Pool, int]] = {}
         self._probing: set[tuple[int, int]] = set()
         self._reprobes: list[tuple[float, _Pool, int]] = []
+        self._backoff: dict[tuple[int, int], float] = {}  # (pool, slot) → next reprobe delay
         self._events: list[Outcome] = []
         self._memory: dict[str, Any] = {"peak_rss_mb": 0.0, "sessions_bytes": {}}
         self.stats: dict[str, Any] = {"actor_failures": 0, "replaced_actors": 0}
 
     # -- prepare ------------------------------------------------------------------------------
 
+    def _probed(self, pool: _Pool) -> set[int]:
+        return {slot for p, slot in self._probing if p == id(pool)}
+
+    def _restarting(self, pool: _Pool) -> bool:
+        """Every actor of ``pool`` is being probed (restarting or being replaced)."""
+        pool.ensure()
+        return all((id(pool), slot) in self._probing for slot in range(len(pool.actors)))
+
     def prepare(self, job: PrepareJob) -> None:
         self.samplers.ensure()  # warm the Samplers while the first characters prepare
+        pools = [self.refiners] if not job.refined else []
+        pools += [self.trainers] if job.needs_adapter else []
+        pools += [self.backgrounds] if job.needs_plate else []
+        if any(self._restarting(p) for p in pools):  # start once an actor answers again
+            self._deferred.append(job)
+            return
         cfg = job.config.model_dump(mode="json")
         refs: dict[str, Any] = {}
         used: list[tuple[_Pool, int]] = []
         if job.refined:
             refs["refining"] = ray.put(job.refined)
         else:
-            refiner, slot = self.refiners.next()
+            refiner, slot = self.refiners.next(self._probed(self.refiners))
             refs["refining"] = refiner.refine.remote(cfg)
             used.append((self.refiners, slot))
         adapter: Any = job.adapter
         if job.needs_adapter:
-            trainer, slot = self.trainers.next()
-            adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"])
+            trainer, slot = self.trainers.next(self._probed(self.trainers))
+            adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"], job.shared)
             used.append((self.trainers, slot))
         if job.needs_plate:
-            worker, slot = self.backgrounds.next()
+            worker, slot = self.backgrounds.next(self._probed(self.backgrounds))
             refs["background"] = worker.plate.remote(cfg, refs["refining"], job.keypoints0, adapter)
             used.append((self.backgrounds, slot))
         self._preps[job.render_id] = _Prep(job, refs, used)
@@ -182,7 +226,7 @@ class RayExecutor(Executor):
                 for pool, slot in prep.actors:
                     if (id(pool), slot) not in self._probing:
                         self._probe(pool, slot)
-            self._events.append(PrepareFailed(render_id, reason, kind))
+            self._events.append(PrepareFailed(render_id, reason, kind, worker_lost=_lost(e)))
             return
         seconds = {"prepare": time.perf_counter() - prep.started}
         adapter = got.get("training", prep.job.adapter)
@@ -214,6 +258,9 @@ class RayExecutor(Executor):
 
     def poll(self, timeout: float) -> list[Outcome]:
         self._due_reprobes()
+        deferred, self._deferred = self._deferred, []
+        for job in deferred:
+            self.prepare(job)
         refs = list(self._busy) + list(self._probes)
         owners = {}
         for render_id, prep in self._preps.items():
@@ -247,7 +294,7 @@ class RayExecutor(Executor):
             log.warning("sampler %d: batch %d failed: %s", slot, batch_id, reason)
             if isinstance(e, RayActorError):
                 self._probe(self.samplers, slot)
-            self._events.append(BatchFailed(batch_id, reason, kind))
+            self._events.append(BatchFailed(batch_id, reason, kind, worker_lost=_lost(e)))
             return
         self._memory["peak_rss_mb"] = max(self._memory["peak_rss_mb"], peak)
         self._memory["sessions_bytes"].update(sessions)
@@ -271,9 +318,12 @@ class RayExecutor(Executor):
             self.stats["replaced_actors"] += 1
             pool.actors[slot] = pool.make()
             pool.started += 1
-        except RayError:  # still restarting (ActorUnavailableError): ask again shortly
-            self._reprobes.append((time.monotonic() + 0.5, pool, slot))
+        except RayError:  # still restarting (ActorUnavailableError): ask again, backing off
+            delay = self._backoff.get((id(pool), slot), 0.5)
+            self._backoff[(id(pool), slot)] = min(delay * 2, 10.0)
+            self._reprobes.append((time.monotonic() + delay, pool, slot))
             return
+        self._backoff.pop((id(pool), slot), None)
         self._probing.discard((id(pool), slot))
 
     def _due_reprobes(self) -> None:
@@ -287,6 +337,7 @@ class RayExecutor(Executor):
 
     def release(self, render_id: str) -> None:
         self._preps.pop(render_id, None)
+        self._deferred = [j for j in self._deferred if j.render_id != render_id]
         if self._specs.pop(render_id, None) is not None:
             for actor in self.samplers.actors:
                 actor.close.remote(render_id)

@@ -28,6 +28,7 @@ from engine.core.work import (
     peak_rss_mb,
     refine_stage,
 )
+from engine.storage import Storage
 
 
 class _Worker:
@@ -53,8 +54,11 @@ class AppearanceTrainer(_Worker):
     def __init__(self, model: dict[str, Any]):
         self.chain = build_chain(model)
 
-    def adapter(self, config: dict[str, Any], refined: dict[str, Any]) -> AdapterPayload:
-        return appearance_stage(self.chain, RenderConfig.model_validate(config), refined)
+    def adapter(
+        self, config: dict[str, Any], refined: dict[str, Any], shared: Storage | None = None
+    ) -> AdapterPayload:
+        cfg = RenderConfig.model_validate(config)
+        return appearance_stage(self.chain, cfg, refined, shared)
 
 
 @ray.remote
@@ -93,6 +97,7 @@ class Sampler(_Worker):
         """→ (outcomes, peak RSS in MB, bytes held per open render). ``specs`` maps each render
         id to ``[ObjectRef of its SessionSpec]`` (wrapped so Ray does not resolve it eagerly)."""
         outcomes = self.state.denoise(work, lambda rid: ray.get(specs[rid][0], timeout=600))
+        self.state.deliver(outcomes)  # PNG + latent encoded here; written here when shared
         return outcomes, peak_rss_mb(), self.state.memory()
 
     def close(self, render_id: str) -> None:

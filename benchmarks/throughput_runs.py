@@ -293,6 +293,7 @@ class Bare(Variant):
         from engine.batching import BatchDenoiser
         from engine.core.outputs import load_latent
         from engine.session import CharacterChain
+        from engine.storage import LocalStorage
 
         chain = self.chain = trace.chain
         sessions = {
@@ -303,7 +304,7 @@ class Bare(Variant):
         }
 
         def latent(rid: str, index: int) -> torch.Tensor:
-            return torch.from_numpy(load_latent(trace.folder / rid, index))
+            return torch.from_numpy(load_latent(LocalStorage(trace.folder / rid), index))
 
         self.batches = [
             [

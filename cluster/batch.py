@@ -4,7 +4,9 @@ Run it directly (starts or joins a local Ray instance) or through the job API::
 
     ray job submit --working-dir . -- python -m cluster.batch examples/batch.yaml --out /abs/out
 
-The manifest lists render specs; outputs land in ``ROOT/<render id>/``. Re-running the same
+The manifest lists render specs; outputs land in ``ROOT/<render id>/``, or in
+``--storage s3://bucket/prefix`` (``--endpoint-url`` for MinIO or any S3-compatible server)
+with the core's index still in ROOT. Re-running the same
 manifest skips finished renders and resumes partial ones. ``ROOT/summary.json`` says how each
 render ended. Manifest format::
 
@@ -36,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine.config import (
     ConfigError,
     RenderConfig,
+    StorageConfig,
     apply_override,
     build_config,
     deep_merge,
@@ -129,23 +132,32 @@ def _render_config(root: Path, manifest: BatchManifest, entry: RenderEntry) -> R
     return build_config(data, f"render {entry.id!r}")
 
 
-def run_batch(manifest_path: Path, root: Path, *, timeout_s: float = 3600.0) -> dict[str, Any]:
+def run_batch(
+    manifest_path: Path,
+    root: Path,
+    *,
+    timeout_s: float = 3600.0,
+    storage: StorageConfig | None = None,
+) -> dict[str, Any]:
     """Render every entry of the manifest on the connected Ray cluster; write summary.json.
 
-    The engine core's store lives in ``root``: renders left unfinished by a killed run resume
-    from their last persisted frame, finished ones are skipped (no actor is started when
+    The engine core's index lives in ``root``, the render folders in ``storage`` (default: the
+    manifest's ``storage`` settings, else ``root``): renders left unfinished by a killed run
+    resume from their last persisted frame, finished ones are skipped (no actor is started when
     nothing is left to do), failed ones are tried again. One render's fault never ends the job.
     """
     from actors.executor import RayExecutor
-    from engine.core import ConflictError, EngineCore, RenderStore
+    from engine.core import ConflictError, EngineCore, open_store
 
     engine, renders = load_manifest(manifest_path)
+    if storage is not None:
+        engine = engine.model_copy(update={"storage": storage})
     start = time.monotonic()
     summary: dict[str, Any] = {"manifest": str(manifest_path), "renders": {}}
     executor = RayExecutor(engine)
     core = EngineCore(
         engine,
-        RenderStore(root),
+        open_store(root, engine),
         executor,
         on_event=lambda e: log.info("%s %s", e["render_id"], _describe(e)),
     )
@@ -189,16 +201,16 @@ def _describe(event: dict[str, Any]) -> str:
 
 def _entry(core: Any, render_id: str, status: str) -> dict[str, Any]:
     record = core.get(render_id)
-    out = core.folder(render_id)
-    manifest = out / "manifest.json"
-    resumed = json.loads(manifest.read_text())["resumed_from"] if manifest.is_file() else 0
+    out = core.store.files(render_id)
+    manifest = json.loads(out.get("manifest.json")) if out.exists("manifest.json") else {}
+    resumed = manifest.get("resumed_from", 0)
     return {
         "status": status,
         "frames": record.frames_total,
         "resumed_from": resumed if status != "skipped" else record.frames_total,
         "error": record.error,
-        "out": str(out),
-        "video": str(out / "video.mp4") if record.state == "done" else None,
+        "out": out.uri,
+        "video": f"{out.uri}/video.mp4" if record.state == "done" else None,
     }
 
 
@@ -207,7 +219,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m cluster.batch", description=__doc__.split("\n")[0]
     )
     parser.add_argument("manifest", type=Path, help="batch manifest YAML")
-    parser.add_argument("--out", type=Path, required=True, help="storage root: ROOT/<render id>/")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="the core's index folder (and storage root)"
+    )
+    parser.add_argument(
+        "--storage",
+        default=None,
+        help="render folders in this folder or fsspec URI (s3://bucket/prefix); default --out",
+    )
+    parser.add_argument(
+        "--endpoint-url", default=None, help="s3:// only: an S3-compatible server (MinIO, …)"
+    )
     parser.add_argument(
         "--address", default=None, help="Ray address (default: the job's cluster, else a local one)"
     )
@@ -220,7 +242,14 @@ def main(argv: list[str] | None = None) -> int:
 
     ray.init(address=args.address, ignore_reinit_error=True, log_to_driver=True)
     try:
-        summary = run_batch(args.manifest, args.out.resolve(), timeout_s=args.timeout)
+        storage = (
+            StorageConfig(uri=args.storage, endpoint_url=args.endpoint_url)
+            if args.storage
+            else None
+        )
+        summary = run_batch(
+            args.manifest, args.out.resolve(), timeout_s=args.timeout, storage=storage
+        )
     except (ConfigError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -291,8 +291,33 @@ class ClusterConfig(_Base):
     max_attempts: int = Field(default=3, ge=1, le=100)
     """Tries of one unit of work (a render's prepare stages, or one frame) after infrastructure
     faults (worker died, node lost, out of memory) before the render fails."""
+    restart_wait_s: float = Field(default=300.0, ge=0.0, le=86_400.0)
+    """How long a render's frames wait for lost workers (a node gone, an actor restarting)
+    without spending ``max_attempts``; past it each further loss counts as an attempt."""
     max_queued: int = Field(default=1000, ge=1, le=1_000_000)
     """Most unfinished renders the engine core holds; a submission past it is refused."""
+    max_unwritten_frames: int = Field(default=64, ge=1, le=100_000)
+    """Most finished frames not yet durable in the storage backend (in flight to it or queued
+    for the core's writers); past it the scheduler hands out no new batch, so the core's memory
+    stays bounded whatever the cluster size."""
+    writers: int = Field(default=4, ge=1, le=64)
+    """The core's writer threads (frames made by workers that cannot reach the backend)."""
+
+
+class StorageConfig(_Base):
+    """Where renders' artefacts live (engine setting; the core's SQLite index stays local)."""
+
+    uri: str | None = None
+    """A local folder (None = the core's storage root) or an fsspec URI: s3://bucket/prefix,
+    gs://bucket/prefix, or any installed fsspec protocol."""
+    endpoint_url: str | None = None
+    """s3:// only: the S3-compatible server (MinIO, Ceph, a local test server)."""
+    options: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    """Keyword arguments of the fsspec filesystem (e.g. ``anon``, ``profile``); credentials
+    should come from the environment (AWS_*, GOOGLE_APPLICATION_CREDENTIALS)."""
+    shared: bool = False
+    """A local folder that every node mounts at the same path (NFS, …): workers write their
+    frames there themselves. Object stores are always shared."""
 
 
 class RenderConfig(_Base):
@@ -331,6 +356,7 @@ class RenderConfig(_Base):
     appearance: AppearanceConfig = Field(default_factory=AppearanceConfig)
     background: BackgroundConfig = Field(default_factory=BackgroundConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     metrics: bool = False
     """Score the finished render (``avatar metrics``) and write metrics.json / metrics.png."""
     cache_dir: Path | None = None

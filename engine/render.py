@@ -68,7 +68,7 @@ def render(
     out.mkdir(parents=True, exist_ok=True)
     store = RenderStore(out, folder=out)
     previous = store.get(RENDER_ID)
-    persisted = frames_persisted(out, config.limits.max_frames)
+    persisted = frames_persisted(store.files(RENDER_ID), config.limits.max_frames)
     if persisted and not resume:
         store.close()
         raise ConfigError(

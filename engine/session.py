@@ -33,6 +33,27 @@ class SuppliedMasks:
     """One mask image per *render* frame (after fps resampling), in frame order."""
     source_size: tuple[int, int]
     """(width, height) of the pose frame the masks were drawn on (the poses' source frame)."""
+    packed: np.ndarray | None = None
+    """The masks read already, at the render size: (F, ceil(H*W/8)) uint8, ``np.packbits`` of
+    each (H, W) {0, 1} mask (a worker then reads no file; :meth:`load` unpacks one)."""
+
+    @property
+    def count(self) -> int:
+        return len(self.packed) if self.packed is not None else len(self.files)
+
+    def load(self, index: int, width: int, height: int) -> np.ndarray:
+        """Mask of render frame ``index`` as (height, width) uint8 {0, 1}."""
+        if self.packed is not None:
+            bits = np.unpackbits(self.packed[index], count=width * height)
+            return bits.reshape(height, width)
+        return load_mask(self.files[index], width, height, source_size=self.source_size)
+
+    def read(self, width: int, height: int) -> SuppliedMasks:
+        """These masks with every file read now (one packed array; no paths travel on)."""
+        packed = np.stack(
+            [np.packbits(self.load(i, width, height).reshape(-1)) for i in range(self.count)]
+        )
+        return SuppliedMasks((), self.source_size, packed)
 
 
 class CharacterChain:
@@ -76,9 +97,9 @@ class CharacterChain:
                 raise ConfigError("masks: need the spec's poses to line them up; add poses:")
             source = load_poses(config.poses, max_frames=config.limits.max_frames)
             self.masks = supplied_masks(config, source)
-        if self.masks is not None and len(self.masks.files) != len(keypoints):
+        if self.masks is not None and self.masks.count != len(keypoints):
             raise ConfigError(
-                f"masks: {config.masks} gives {len(self.masks.files)} masks after resampling to "
+                f"masks: {config.masks} gives {self.masks.count} masks after resampling to "
                 f"the render's fps for {len(keypoints)} frames; give one mask per pose frame"
             )
         self._memo: dict[tuple[str, int], np.ndarray] = {}
@@ -114,9 +135,7 @@ class CharacterChain:
         c = self.config
         side = min(c.width, c.height)
         if self.masks is not None:
-            binary = load_mask(
-                self.masks.files[index], c.width, c.height, source_size=self.masks.source_size
-            )
+            binary = self.masks.load(index, c.width, c.height)
             return soften_mask(
                 binary,
                 dilate_px=round(c.chain.mask_dilate * side),

@@ -256,8 +256,9 @@ def _partial(root: Path, config, chain, frames_wanted: int) -> None:
 
 def test_resume_reuses_the_refined_prompt_and_refuses_changed_inputs(tmp_path: Path, chain,
                                                                     monkeypatch):  # fmt: skip
-    """A resumed render never asks the refiner again and reuses its plate; a supplied plate
-    whose content changed since the render started is refused, naming it."""
+    """A resumed render never asks the refiner again and reuses its plate, read from the render
+    folder's copy of the inputs (the original may be gone); a copy whose content changed since
+    the render started is refused, naming it."""
     import engine.core.executor as executor_module
     from engine.video import save_png
 
@@ -270,6 +271,7 @@ def test_resume_reuses_the_refined_prompt_and_refuses_changed_inputs(tmp_path: P
         raise AssertionError("the refiner was asked again on resume")
 
     monkeypatch.setattr(executor_module, "refine_stage", no_refiner)
+    plate.rename(tmp_path / "moved.png")  # the submitter's file is gone
     core = core_at(tmp_path / "a", config, chain)  # resumes "r" from the store
     try:
         core.run_until_idle(timeout_s=300)
@@ -277,8 +279,11 @@ def test_resume_reuses_the_refined_prompt_and_refuses_changed_inputs(tmp_path: P
     finally:
         core.close()
     monkeypatch.undo()
+    (tmp_path / "moved.png").rename(plate)
     _partial(tmp_path / "b", config, chain, 2)
-    save_png(np.full((64, 64, 3), 200, np.uint8), plate)  # the user edits the plate
+    save_png(
+        np.full((64, 64, 3), 200, np.uint8), tmp_path / "b" / "r" / "inputs" / "plate" / "plate.png"
+    )
     core = core_at(tmp_path / "b", config, chain)
     try:
         core.run_until_idle(timeout_s=300)

@@ -38,6 +38,7 @@ from cluster.serve.schema import exact_openapi, submit_body
 from cluster.serve.storage import MAX_CLIENT_ID
 from cluster.serve.telemetry import HttpMetrics
 from cluster.serve.uploads import EXAMPLES
+from engine.storage import open_storage
 
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
@@ -186,37 +187,47 @@ def make_api(backend: Backend, args: ServeArgs) -> FastAPI:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return http.EventStreamResponse(stream, headers=headers)
 
-    async def artefact(who: str, render_id: str, kind: str, index: int = 0) -> str:
-        return str(await backend.call("artefact", who, render_id, kind, index))
+    # Downloads stream from the storage backend (a folder or an object store), opened by this
+    # ingress itself: the engine deployment only says which key, so any node can serve them.
+    storage = open_storage(args.engine_config().storage, args.root)
+
+    async def artefact(
+        request: Request, who: str, render_id: str, kind: str, media_type: str, index: int = 0,
+        filename: str | None = None,
+    ) -> Any:  # fmt: skip
+        found = await backend.call("artefact", who, render_id, kind, index)
+        return http.stored_response(storage, found["key"], found["size"], media_type,
+                                    request.headers.get("range"), filename=filename)  # fmt: skip
 
     @app.get("/v1/renders/{render_id}/video", response_class=http.Mp4Response,
              responses=_binary("video/mp4"))  # fmt: skip
-    async def render_video(render_id: RenderId, who: Owner) -> Any:
+    async def render_video(request: Request, render_id: RenderId, who: Owner) -> Any:
         """The H.264 video (HTTP range requests supported)."""
-        path = await artefact(who, render_id, "video")
-        return http.Mp4Response(
-            path, filename=f"{render_id}.mp4", content_disposition_type="inline"
-        )
+        return await artefact(request, who, render_id, "video", "video/mp4",
+                              filename=f"{render_id}.mp4")  # fmt: skip
 
     @app.get("/v1/renders/{render_id}/frames/{index}", response_class=http.PngResponse,
              responses=_binary("image/png"))  # fmt: skip
     async def render_frame(
-        render_id: RenderId, index: Annotated[int, PathParam(ge=0, le=100_000)], who: Owner
+        request: Request,
+        render_id: RenderId,
+        index: Annotated[int, PathParam(ge=0, le=100_000)],
+        who: Owner,
     ) -> Any:
         """One finished frame (PNG)."""
-        return http.PngResponse(await artefact(who, render_id, "frame", index))
+        return await artefact(request, who, render_id, "frame", "image/png", index)
 
     @app.get("/v1/renders/{render_id}/contact-sheet", response_class=http.PngResponse,
              responses=_binary("image/png"))  # fmt: skip
-    async def render_contact_sheet(render_id: RenderId, who: Owner) -> Any:
+    async def render_contact_sheet(request: Request, render_id: RenderId, who: Owner) -> Any:
         """Frames with the pose drawn over them (PNG)."""
-        return http.PngResponse(await artefact(who, render_id, "contact-sheet"))
+        return await artefact(request, who, render_id, "contact-sheet", "image/png")
 
     @app.get("/v1/renders/{render_id}/metrics", response_class=http.JsonFileResponse,
              responses=_binary("application/json"))  # fmt: skip
-    async def render_metrics(render_id: RenderId, who: Owner) -> Any:
+    async def render_metrics(request: Request, render_id: RenderId, who: Owner) -> Any:
         """The render's metrics.json (requests with ``metrics: true``)."""
-        return http.JsonFileResponse(await artefact(who, render_id, "metrics"))
+        return await artefact(request, who, render_id, "metrics", "application/json")
 
     _service_routes(app, backend, metrics, tokens)
     _page(app)

@@ -6,16 +6,17 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from cluster.serve.api import ApiError, RenderRequest
 from cluster.serve.backend import Backend
 from cluster.serve.uploads import parse_json
+from engine.storage import Storage
 
 
 class Mp4Response(FileResponse):
@@ -28,6 +29,72 @@ class PngResponse(FileResponse):
 
 class JsonFileResponse(FileResponse):
     media_type = "application/json"
+
+
+def parse_range(header: str | None, size: int) -> tuple[int, int] | None:
+    """(first, last) byte of a single ``Range: bytes=…`` header (``a-b``, ``a-``, ``-n``);
+    None for no header, another unit or several ranges (answered whole).
+
+    Raises:
+        ValueError: the range cannot be satisfied (answered 416).
+    """
+    if not header or not header.startswith("bytes=") or "," in header:
+        return None
+    first_s, sep, last_s = header[len("bytes=") :].strip().partition("-")
+    if not sep or not (first_s or last_s):
+        return None
+    try:
+        if not first_s:  # the last n bytes
+            n = int(last_s)
+            if n <= 0:
+                raise ValueError("empty suffix range")
+            return max(0, size - n), size - 1
+        first = int(first_s)
+        last = min(int(last_s), size - 1) if last_s else size - 1
+    except ValueError:
+        raise ValueError(f"range {header!r} is not satisfiable") from None
+    if first >= size or first > last or first < 0:
+        raise ValueError(f"range {header!r} is not satisfiable for {size} bytes")
+    return first, last
+
+
+def stored_response(
+    storage: Storage,
+    key: str,
+    size: int,
+    media_type: str,
+    range_header: str | None,
+    *,
+    filename: str | None = None,
+    chunk: int = 1 << 20,
+) -> Response:
+    """Stream ``key`` from the storage backend (a local folder or an object store, read in
+    1 MiB chunks on a worker thread), honouring one HTTP byte range (206 / 416)."""
+    headers = {"Accept-Ranges": "bytes"}
+    if filename:
+        headers["Content-Disposition"] = f'inline; filename="{filename}"'
+    try:
+        span = parse_range(range_header, size)
+    except ValueError:
+        return Response(status_code=416, headers={**headers, "Content-Range": f"bytes */{size}"})
+    first, last = span if span is not None else (0, size - 1)
+
+    def body() -> Iterator[bytes]:
+        with storage.open(key) as file:
+            file.seek(first)
+            left = last - first + 1
+            while left > 0:
+                data = file.read(min(chunk, left))
+                if not data:
+                    raise OSError(f"{key} ended {left} bytes early")
+                left -= len(data)
+                yield data
+
+    headers["Content-Length"] = str(max(0, last - first + 1))
+    if span is not None:
+        headers["Content-Range"] = f"bytes {first}-{last}/{size}"
+    status = 206 if span is not None else 200
+    return StreamingResponse(body(), status_code=status, media_type=media_type, headers=headers)
 
 
 class EventStreamResponse(StreamingResponse):

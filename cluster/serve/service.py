@@ -34,9 +34,9 @@ from engine.core import (
     Executor,
     QueueFullError,
     RenderRecord,
-    RenderStore,
     check_id,
     new_id,
+    open_store,
 )
 from engine.core.store import FINAL_STATES, ID_PATTERN, STATES
 
@@ -57,7 +57,7 @@ class RenderService:
         self.args, self.root = args, args.root
         self.config = args.engine_config()
         self.metrics = EngineMetrics()
-        self.store = RenderStore(self.root)
+        self.store = open_store(self.root, self.config)  # renders in config.storage
         self.quotas = QuotaLedger(self.root, args)
         self.core = EngineCore(self.config, self.store, executor, on_event=self.metrics.event)
         self.ids = OwnerIds(server_secret(self.root))
@@ -321,7 +321,8 @@ class RenderService:
         """Bytes of ``owner``'s render folders and uploads."""
         total = 0
         for record in self.store.list(owner=owner, limit=1_000_000):
-            total += tree_bytes(self.store.folder(record.id))
+            files = self.store.files(record.id)
+            total += sum(files.size(key) for key in files.keys())  # noqa: SIM118 (a Storage, not a dict)
             total += tree_bytes(self.root / ".uploads" / record.id)
         return total
 
@@ -334,22 +335,22 @@ class RenderService:
                 event["error"] = public_message(str(event["error"]), self.root)
         return {"events": events, "final": record.final, "state": record.state}
 
-    def artefact(self, owner: str, render_id: str, kind: str, index: int = 0) -> str:
-        """Path of one of the render's files (``video``, ``contact-sheet``, ``metrics``,
-        ``frame``), else 404 naming why."""
+    def artefact(self, owner: str, render_id: str, kind: str, index: int = 0) -> dict[str, Any]:
+        """Where one of the render's files (``video``, ``contact-sheet``, ``metrics``,
+        ``frame``) lives in the storage backend: ``{"key": "<id>/<name>", "size": bytes}`` (the
+        ingress streams it from the backend itself), else 404 naming why."""
         record = self.record(owner, render_id)
-        folder = self.store.folder(record.id)
+        files = self.store.files(record.id)
+        name = f"frames/{index:06d}.png" if kind == "frame" else ARTEFACTS[kind]
         if kind == "frame":
-            path = folder / "frames" / f"{index:06d}.png"
             ready = index < record.frames_done or record.state == "done"
         else:
-            path = folder / ARTEFACTS[kind]
             ready = record.state == "done"
-        if not ready or not path.is_file():
+        if not ready or not files.exists(name):
             what = f"frame {index}" if kind == "frame" else kind
             why = f"it is {record.state}" if not ready else "it was not made (see the request)"
             raise ApiError(409, "not_ready", f"render {render_id!r} has no {what}: {why}")
-        return str(path)
+        return {"key": f"{record.id}/{name}", "size": files.size(name)}
 
     # -- health -------------------------------------------------------------------------------
 

@@ -38,10 +38,12 @@ from engine.core.executor import (
     StageStarted,
 )
 from engine.core.faults import classify, describe
+from engine.core.inputs import snapshot_inputs
 from engine.core.live import LiveRender, finalize, load_render, save_prepared
 from engine.core.outputs import remove_render
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
 from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
+from engine.core.writes import FrameWriter, advance
 
 log = logging.getLogger(__name__)
 
@@ -100,23 +102,31 @@ class EngineCore:
         self._finishing: set[str] = set()
         self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
         self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
-        # Frames are written on their own thread while the Sampler denoises the next batch; a
-        # frame's event (and the store's frames_done) follows its files, never precedes them.
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="write")
-        self._written: queue.Queue[tuple[str, int, BaseException | None]] = queue.Queue()
-        self._writing: dict[str, int] = {}
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
         # Two finishers: the videos of renders that end together encode side by side (ffmpeg).
         self._finisher = ThreadPoolExecutor(2, thread_name_prefix="finish")
         self._inflight: dict[int, builtins.list[FrameRequest]] = {}
         self._batch_serial = 0
         self._waiting_since: float | None = None
-        self.stats: dict[str, Any] = {"batch_sizes": [], "batches": [], "retries": 0}
+        self.stats: dict[str, Any] = {
+            "batch_sizes": [],
+            "batches": [],
+            "retries": 0,
+            "restarts_waited": 0,
+            "max_unwritten": 0,
+            "held_for_writes": 0,
+            "written_by_workers": 0,
+        }
         self._closed = False
         # Rung by the writer, finishers and loader (and the executor's background work) when
         # they hand something over, so an idle step wakes for it instead of sleeping 50 ms.
         self._doorbell = threading.Event()
         executor.doorbell = self._doorbell
+        # Frames are written by a pool of writer threads while the Samplers denoise the next
+        # batches (or by the Samplers themselves on a shared backend); a frame's event (and the
+        # store's frames_done) follows its files, never precedes them, and at most
+        # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
+        self._writer = FrameWriter(c.writers, self._doorbell, self.stats)
         if resume:
             for record in store.unfinished():
                 log.info("resuming render %s (%s)", record.id, record.state)
@@ -152,6 +162,7 @@ class EngineCore:
                             f"render {id!r} exists with a different spec; choose another id"
                         )
                     if retry and record.state in ("failed", "cancelled"):
+                        snapshot_inputs(self.store.files(id), spec)
                         self.store.update(id, error=None, error_kind=None, attempts=0)
                         self._set_state(id, "queued")
                         self._admit(id, spec)
@@ -162,6 +173,7 @@ class EngineCore:
             if self.store.count(tuple(s for s in STATES if s not in FINAL_STATES)) >= limit:
                 raise QueueFullError(f"{limit} renders are queued or running; retry later")
             self.store.create(id, data, priority=priority, owner=owner)
+            snapshot_inputs(self.store.files(id), spec)  # the inputs travel with the render
             self._event(id, {"type": "state", "state": "queued"})
             self._admit(id, spec)
         return id
@@ -172,7 +184,7 @@ class EngineCore:
             record = self.get(render_id)
             if record.final:
                 return record
-            if render_id in self._live and not self.scheduler.status(render_id).stage.final:
+            if render_id in self._live and not self.scheduler.stage(render_id).final:
                 self.scheduler.cancel(render_id)
                 self._drain_scheduler()
             else:  # still loading or finishing: the result is dropped when it arrives
@@ -190,8 +202,8 @@ class EngineCore:
                 self._take_loaded()
                 self._take_written()
                 self._take_finished()
-                busy = (self._live, self._loading, self._finishing, self._writing)
-                if not any(render_id in b for b in busy):
+                busy = (self._live, self._loading, self._finishing)
+                if not any(render_id in b for b in busy) and not self._writer.writing(render_id):
                     remove_render(self.store, render_id)
                     return
             if time.monotonic() > deadline:
@@ -218,10 +230,8 @@ class EngineCore:
     @property
     def idle(self) -> bool:
         with self._lock:
-            busy = self._loading or self._finishing or self._inflight or self._writing
-            return not busy and not any(
-                not self.scheduler.status(r).stage.final for r in self._live
-            )
+            busy = self._loading or self._finishing or self._inflight or self._writer.writing()
+            return not busy and not any(not self.scheduler.stage(r).final for r in self._live)
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -256,7 +266,7 @@ class EngineCore:
             return
         self._closed = True
         self._loader.shutdown(wait=True, cancel_futures=True)
-        self._writer.shutdown(wait=True)
+        self._writer.close()
         self._finisher.shutdown(wait=True)
         self.executor.close()
         self.store.close()
@@ -320,6 +330,9 @@ class EngineCore:
         for render_id in self.scheduler.next_prepares():
             self.executor.prepare(self._live[render_id].prepare_job())
         while self.executor.free_slots() > 0:
+            if self.unwritten >= self.config.cluster.max_unwritten_frames:
+                self.stats["held_for_writes"] += 1  # the writers catch up first (bounded memory)
+                return
             batch = self.scheduler.next_batch()
             if not batch:
                 return
@@ -334,14 +347,22 @@ class EngineCore:
             work = [self._live[r.render_id].work(r.index) for r in batch]
             self.executor.execute(self._batch_serial, work)
 
+    @property
+    def unwritten(self) -> int:
+        """Finished frames whose files are not durable yet (queued for or in the writers)."""
+        return self._writer.unwritten
+
     def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
-        """Wait window: hold back a part-full batch while renders are still preparing (they
-        would otherwise join one frame later, unbatched), at most ``cluster.batch_wait_s``."""
+        """Wait window: hold back a part-full batch while renders are still being loaded or
+        prepared (they would otherwise join one frame later, unbatched, and stay out of step
+        with the full batches), at most ``cluster.batch_wait_s``."""
         c = self.config.cluster
-        preparing = any(
-            self.scheduler.status(r).stage is Stage.PREPARING for r in self.scheduler.active()
+        if len(batch) >= c.max_batch or c.batch_wait_s <= 0:
+            return False
+        preparing = bool(self._loading) or any(
+            self.scheduler.stage(r) is Stage.PREPARING for r in self.scheduler.active()
         )
-        if len(batch) >= c.max_batch or not preparing or c.batch_wait_s <= 0:
+        if not preparing:
             return False
         now = time.monotonic()
         if self._waiting_since is None:
@@ -359,11 +380,14 @@ class EngineCore:
                 self._batch_done(batch, outcome)
             return
         live = self._live.get(outcome.render_id)
-        if live is None or self.scheduler.status(live.id).stage is not Stage.PREPARING:
+        if live is None or self.scheduler.stage(live.id) is not Stage.PREPARING:
             return  # cancelled or failed meanwhile
         if isinstance(outcome, StageStarted):
             self._set_state(live.id, outcome.stage)
         elif isinstance(outcome, PrepareFailed):
+            if outcome.worker_lost and self._wait_for_worker(live, outcome.error):
+                self.scheduler.requeue_prepare(live.id)
+                return
             self._retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
         else:
             try:
@@ -372,8 +396,11 @@ class EngineCore:
                 self._retry_or_fail(live.id, f"saving the prepare stages: {describe(e)}",
                                     classify(e), prepare=True)  # fmt: skip
                 return
+            if live.out.shared:  # workers write their frames into the render folder
+                spec.out = live.out
             self.executor.open(live.id, spec)
             live.attempts = 0
+            live.lost_since = None
             self.scheduler.prepared(live.id)
 
     def _batch_done(self, batch: builtins.list[FrameRequest], done: BatchDone) -> None:
@@ -381,7 +408,7 @@ class EngineCore:
         per_frame = done.seconds
         for outcome in done.outcomes:
             live = self._live.get(outcome.render_id)
-            if live is None or self.scheduler.status(live.id).stage is not Stage.RENDERING:
+            if live is None or self.scheduler.stage(live.id) is not Stage.RENDERING:
                 continue
             live.peak_rss_mb = max(live.peak_rss_mb, live_peak)
             if outcome.error is not None:
@@ -389,54 +416,37 @@ class EngineCore:
                 self._retry_or_fail(live.id, outcome.error, outcome.kind or "infra", [request])
                 continue
             live.keep_latent(outcome)
-            self._write(live, outcome)
+            self._writer.submit(live, outcome)
             live.attempts = 0
+            live.lost_since = None
             self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
 
-    def _write(self, live: LiveRender, outcome: Any) -> None:
-        """Persist a frame on the writer thread (FIFO: a render's frames land in order)."""
-        self._writing[live.id] = self._writing.get(live.id, 0) + 1
-
-        def write() -> None:
-            try:
-                self._written.put((live.id, live.persist(outcome), None))
-            except BaseException as e:
-                self._written.put((live.id, outcome.index, e))
-            self._doorbell.set()
-
-        self._writer.submit(write)
-
     def _take_written(self) -> None:
-        """Frames whose files landed: record them, emit their events, finish complete renders."""
-        while True:
-            try:
-                render_id, index, error = self._written.get_nowait()
-            except queue.Empty:
-                return
-            self._writing[render_id] -= 1
-            if not self._writing[render_id]:
-                del self._writing[render_id]
+        """Frames whose files landed: record them, emit their events (in frame order), finish
+        complete renders."""
+        for render_id, index, error in self._writer.take():
             live = self._live.get(render_id)
             if live is None:  # ended meanwhile: release its folder once nothing writes there
-                if render_id not in self._writing and render_id not in self._finishing:
+                if not self._writer.writing(render_id) and render_id not in self._finishing:
                     self.store.unlock(render_id)
                 continue
             if error is not None:
                 self._lost_frame(live, index, error)
                 continue
             total = live.frames
-            fields = {"frames_done": index + 1, "eta_s": live.eta_s}
-            self.store.update(render_id, **fields)
-            self._event(render_id, {"type": "frame", "frame": index, **fields,
-                                    "frames_total": total})  # fmt: skip
-            if index + 1 == total and self.scheduler.status(render_id).stage is Stage.DONE:
+            for frame in advance(live, index):
+                fields = {"frames_done": frame + 1, "eta_s": live.eta_s}
+                self.store.update(render_id, **fields)
+                self._event(render_id, {"type": "frame", "frame": frame, **fields,
+                                        "frames_total": total})  # fmt: skip
+            if live.durable_upto == total and self.scheduler.stage(render_id) is Stage.DONE:
                 self._finish(live)
 
     def _lost_frame(self, live: LiveRender, index: int, error: BaseException) -> None:
         """A frame's files could not be written (disk full, …): the render fails with why."""
         reason = f"saving frame {index}: {describe(error)}"
         live.error_kind = classify(error)
-        if self.scheduler.status(live.id).stage is Stage.DONE:
+        if self.scheduler.stage(live.id) is Stage.DONE:
             self._fail_now(live.id, reason, live.error_kind)
         else:
             self.scheduler.fail(live.id, reason)
@@ -445,8 +455,29 @@ class EngineCore:
         log.warning("batch of %d frames failed: %s", len(batch), failed.error)
         self.stats["retries"] += 1
         for request in batch:
-            if request.render_id in self._live:
-                self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
+            live = self._live.get(request.render_id)
+            if live is None:
+                continue
+            if failed.worker_lost and self._wait_for_worker(live, failed.error):
+                if request in self.scheduler.in_flight():
+                    self.scheduler.requeue([request])
+                continue
+            self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
+
+    def _wait_for_worker(self, live: LiveRender, error: str) -> bool:
+        """A lost worker (node gone, actor restarting) is waited for, the executor restarting
+        or replacing it, without spending attempts: True while the render has waited less than
+        ``cluster.restart_wait_s`` since its last finished frame."""
+        if self.scheduler.stage(live.id).final:
+            return False
+        now = time.monotonic()
+        live.lost_since = live.lost_since or now
+        if now - live.lost_since > self.config.cluster.restart_wait_s:
+            return False
+        self.stats["restarts_waited"] += 1
+        self._event(live.id, {"type": "retry", "error": error, "attempt": live.attempts,
+                              "worker_lost": True})  # fmt: skip
+        return True
 
     def _retry_or_fail(
         self,
@@ -459,7 +490,7 @@ class EngineCore:
     ) -> None:
         """An infra fault is retried up to ``cluster.max_attempts``; an input fault fails now."""
         live = self._live[render_id]
-        if self.scheduler.status(render_id).stage.final:
+        if self.scheduler.stage(render_id).final:
             return
         live.attempts += 1
         self.store.update(render_id, attempts=live.attempts)
@@ -557,11 +588,11 @@ class EngineCore:
         """Free everything held for a render that ended: its runtime state here, its scheduler
         entry, the executor's sessions and adapters, and (once nothing writes) its folder lock."""
         self._live.pop(render_id, None)
-        if render_id in self.scheduler.known() and self.scheduler.status(render_id).stage.final:
+        if render_id in self.scheduler.known() and self.scheduler.stage(render_id).final:
             self.scheduler.forget(render_id)
         self.executor.release(render_id)
-        busy = (self._finishing, self._loading, self._writing)
-        if not any(render_id in b for b in busy):
+        busy = (self._finishing, self._loading)
+        if not any(render_id in b for b in busy) and not self._writer.writing(render_id):
             self.store.unlock(render_id)
 
     def _event(self, render_id: str, data: dict[str, Any]) -> None:

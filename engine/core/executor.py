@@ -35,6 +35,7 @@ from engine.core.work import (
     peak_rss_mb,
     refine_stage,
 )
+from engine.storage import Storage
 
 
 @dataclass
@@ -51,6 +52,8 @@ class PrepareJob:
     """A persisted adapter, or None to train / fetch one (when intra-frame alignment is on)."""
     plate: Any = None
     """A supplied or persisted plate ((H, W, 3) uint8), or None to make one (background on)."""
+    shared: Storage | None = None
+    """A backend every node reaches: the adapter cache is shared through it."""
 
     @property
     def needs_adapter(self) -> bool:
@@ -83,6 +86,8 @@ class PrepareFailed:
     render_id: str
     error: str
     kind: Kind
+    worker_lost: bool = False
+    """A worker of the stages died (see :attr:`BatchFailed.worker_lost`)."""
 
 
 @dataclass
@@ -101,6 +106,9 @@ class BatchFailed:
     batch_id: int
     error: str
     kind: Kind
+    worker_lost: bool = False
+    """The worker that ran it died (its node was lost, or it is restarting): its frames go back
+    to the queue without spending an attempt, for up to ``cluster.restart_wait_s``."""
 
 
 Outcome = StageStarted | Prepared | PrepareFailed | BatchDone | BatchFailed
@@ -229,7 +237,7 @@ class InProcessExecutor(Executor):
             if job.needs_adapter:
                 chain = self._prepare_chain()
                 adapter = run("training", "appearance",
-                              lambda: appearance_stage(chain, job.config, refined))  # fmt: skip
+                              lambda: appearance_stage(chain, job.config, refined, job.shared))  # fmt: skip
             plate = job.plate
             if job.needs_plate:
                 chain, models = self._prepare_chain(), self._plate_models

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from engine.config import ModelConfig, RenderConfig
+from engine.core.encode import decode_png, png_bytes, write_frame
 from engine.core.executor import Prepared, PrepareJob
 from engine.core.faults import InputsChangedError
+from engine.core.inputs import local_inputs
 from engine.core.outputs import (
     check_inputs,
     encode_video,
@@ -29,15 +33,17 @@ from engine.core.outputs import (
     input_hashes,
     load_latent,
     open_folder,
+    put_json,
     save_frame,
     write_contact_sheet,
     write_manifest,
 )
 from engine.core.store import RenderStore
 from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
-from engine.files import atomic_json
 from engine.method import prepare_poses
 from engine.pose import PoseSequence
+from engine.session import SuppliedMasks
+from engine.storage import Storage
 
 
 @dataclass
@@ -46,7 +52,8 @@ class LiveRender:
 
     id: str
     config: RenderConfig
-    out: Path
+    out: Storage
+    """The render's folder in the storage backend."""
     poses: PoseSequence
     key: str
     start: int
@@ -66,6 +73,21 @@ class LiveRender:
     """The scheduler's latest estimate of the seconds left."""
     rendered_at: float | None = None
     """When its last frame was persisted (the chain's end; encoding may queue after it)."""
+    supplied_plate: np.ndarray | None = None
+    """(H, W, 3) uint8 plate image of the spec (read from the render folder's input copy)."""
+    masks: SuppliedMasks | None = None
+    """The spec's masks read at the render size (sent to the Samplers with the session)."""
+    lost_since: float | None = None
+    """Since when the render's frames have been waiting for lost workers (None: not waiting)."""
+    durable: set[int] = field(default_factory=set)
+    """Frames durable in the backend but not yet counted (a frame before them is still being
+    written)."""
+    durable_upto: int = -1
+    """Frames 0 .. durable_upto-1 are durable and counted (set to ``start`` when loaded)."""
+
+    def __post_init__(self) -> None:
+        if self.durable_upto < 0:
+            self.durable_upto = self.start
 
     @property
     def frames(self) -> int:
@@ -84,14 +106,15 @@ class LiveRender:
         )
 
     def prepare_job(self) -> PrepareJob:
+        """The prepare stages this render still needs (a shared backend shares the caches)."""
         plate = self.plate
-        if plate is None and self.config.alignment.background and self.config.plate is not None:
-            from engine.method import load_plate
-
-            plate = load_plate(self.config.plate, self.config.width, self.config.height)
+        if plate is None and self.config.alignment.background:
+            plate = self.supplied_plate
+        shared = self.out.root_view() if self.out.shared else None
         return PrepareJob(
-            self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate
-        )
+            self.id, self.config, self.poses.keypoints[0], self.refined, self.adapter, plate,
+            shared,
+        )  # fmt: skip
 
     def work(self, index: int) -> FrameWork:
         previous = self.latents.get(index - 1) if index > 0 else None
@@ -109,7 +132,13 @@ class LiveRender:
             del self.latents[old]
 
     def persist(self, outcome: FrameOutcome) -> int:
-        """Write a finished frame's files (writer thread); its latent last, marking it done."""
+        """Write a finished frame's files (writer thread); its latent last, marking it done.
+        A frame a worker encoded arrives as bytes; one it wrote itself needs nothing here."""
+        if outcome.written is not None:
+            return outcome.index
+        if outcome.encoded is not None:
+            write_frame(self.out, outcome.encoded)
+            return outcome.index
         assert outcome.latent is not None and outcome.frame is not None
         assert outcome.pose_map is not None
         save_frame(
@@ -132,19 +161,44 @@ def load_render(
 
     start_time = time.perf_counter()
     store.lock(render_id)
-    out = store.folder(render_id)
-    poses = prepare_poses(config, cancelled)
-    name = model_name(model)
-    hashes = input_hashes(config, poses, name)
+    out = store.files(render_id)
+    with local_inputs(out, config) as local:  # the render folder's copy of the input files
+        poses = prepare_poses(local, cancelled)
+        name = model_name(model)
+        hashes = input_hashes(local, poses, name)
+        plate, masks = _read_plate_and_masks(local)
     open_folder(out)
     start = frames_persisted(out, len(poses.keypoints))
     check_inputs(out, hashes, start)
     live = LiveRender(render_id, config, out, poses, fingerprint(hashes), start, name)
+    live.supplied_plate, live.masks = plate, masks
     if start:
         _reuse_prepared(live)
         live.latents = {i: load_latent(out, i) for i in {0, start - 1}}
     live.timings["poses"] = time.perf_counter() - start_time
     return live
+
+
+def _read_plate_and_masks(
+    config: RenderConfig,
+) -> tuple[np.ndarray | None, SuppliedMasks | None]:
+    """The spec's plate image and masks, read now (they are used with background alignment
+    only); the masks lined up with the render's frames at the render size."""
+    if not config.alignment.background:
+        return None, None
+    plate = masks = None
+    if config.plate is not None:
+        from engine.method import load_plate
+
+        plate = load_plate(config.plate, config.width, config.height)
+    if config.masks is not None:
+        from engine.pose import load_poses
+        from engine.session import supplied_masks
+
+        assert config.poses is not None
+        source = load_poses(config.poses, max_frames=config.limits.max_frames)
+        masks = supplied_masks(config, source).read(config.width, config.height)
+    return plate, masks
 
 
 def _digest(data: bytes) -> str:
@@ -154,29 +208,28 @@ def _digest(data: bytes) -> str:
 def _reuse_prepared(live: LiveRender) -> None:
     """Reload the refined prompt, adapter and plate a resumed render was drawn with."""
     from engine.appearance import read_adapter
-    from engine.video import load_png
 
     out = live.out
-    record_path = out / "prepared.json"
-    if not record_path.is_file():
+    if not out.exists("prepared.json"):
         return  # frames were persisted before this record existed: prepare again
-    record = json.loads(record_path.read_text())
-    refined = json.loads((out / "refined_prompt.json").read_text())
+    record = json.loads(out.get("prepared.json"))
+    refined = json.loads(out.get("refined_prompt.json"))
     checks = {"refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode())}
     live.refined = refined
     if record.get("adapter"):
-        weights = read_adapter(out / "adapter")
+        with _local_copy(out, "adapter") as folder:
+            weights = read_adapter(folder)
         digest = weights.digest()
         checks["adapter"] = digest
         name = str(weights.metadata.get("name") or f"appearance_{digest[:12]}")
         live.adapter = AdapterPayload(name, weights, digest, {"name": name, "reused": True})
     if record.get("plate"):
-        live.plate = load_png(out / "plate" / "plate.png")
+        live.plate = decode_png(out.get("plate/plate.png"))
         checks["plate"] = _digest(np.ascontiguousarray(live.plate).tobytes())
     changed = [k for k, v in checks.items() if record.get(k) != v]
     if changed:
         raise InputsChangedError(
-            f"{out}: {', '.join(changed)} differ from what the persisted frames were drawn with; "
+            f"{out.uri}: {', '.join(changed)} differ from what the persisted frames were drawn with; "
             "restore them or render into a new folder"
         )
     live.stages.update(record.get("stages", {}))
@@ -192,7 +245,7 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
     reused = live.refined is not None
     live.timings.update(done.seconds)
     refined = done.refined
-    atomic_json(out / "refined_prompt.json", refined)
+    put_json(out, "refined_prompt.json", refined)
     live.refined = refined
     record: dict[str, Any] = {
         "refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode()),
@@ -200,23 +253,21 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
     }
     if done.adapter is not None:
         adapter = done.adapter
-        if not (out / "adapter").is_dir():
-            save_adapter(adapter.weights, out / "adapter")
+        if not out.keys("adapter"):
+            _write_folder(out, "adapter", lambda folder: save_adapter(adapter.weights, folder))
         live.adapter = adapter
         record["adapter"] = adapter.digest
         record["stages"]["adapter"] = {**adapter.record, "digest": adapter.digest,
                                        "files": "adapter/"}  # fmt: skip
     plate = done.plate
     if isinstance(plate, PlateResult):
-        files = save_plate_result(plate, out / "plate")
+        made = plate
+        files = _write_folder(out, "plate", lambda folder: save_plate_result(made, folder))
         entry = {"source": "generated", **plate_record(plate)}
-        entry["files"] = {k: str(Path(v).relative_to(out)) for k, v in files.items()}
+        entry["files"] = {k: f"plate/{Path(v).name}" for k, v in files.items()}
         plate = plate.plate
     elif plate is not None and live.plate is None:  # a supplied plate: keep a copy
-        from engine.video import save_png
-
-        (out / "plate").mkdir(exist_ok=True)
-        save_png(plate, out / "plate" / "plate.png")
+        out.put("plate/plate.png", png_bytes(plate))
         entry = {"source": str(config.plate), "files": {"plate": "plate/plate.png"}}
     else:
         entry = live.stages.get("plate", {"source": "persisted"})
@@ -224,8 +275,8 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         live.plate = plate
         record["plate"] = _digest(np.ascontiguousarray(plate).tobytes())
         record["stages"]["plate"] = entry
-    if not reused or not (out / "prepared.json").is_file():
-        atomic_json(out / "prepared.json", record)
+    if not reused or not out.exists("prepared.json"):
+        put_json(out, "prepared.json", record)
     live.stages.update(record["stages"])
     return SessionSpec(
         config.model_dump(mode="json"),
@@ -234,6 +285,7 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         config.negative_prompt,
         live.plate if config.alignment.background else None,
         live.adapter,
+        masks=live.masks,
     )
 
 
@@ -251,8 +303,8 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
     if config.output.contact_sheet:
         write_contact_sheet(out, poses, config.output.contact_sheet_frames)
     live.timings["outputs"] = time.perf_counter() - start
-    if live.refined is None and (out / "refined_prompt.json").is_file():
-        live.refined = json.loads((out / "refined_prompt.json").read_text())
+    if live.refined is None and out.exists("refined_prompt.json"):
+        live.refined = json.loads(out.get("refined_prompt.json"))
     stages = {"executor": executor, **live.stages}
     if memory.get("sessions_bytes"):
         stages["sampler_session_bytes"] = memory["sessions_bytes"].get(live.id)
@@ -274,5 +326,34 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
         from engine.metrics.report import score_render
 
         t = time.perf_counter()
-        score_render(out)
+        with _local_copy(out, "") as folder:  # the scorer reads files; upload what it wrote
+            score_render(folder)
+            if out.local_path() is None:
+                for name in ("metrics.json", "metrics.png"):
+                    if (folder / name).is_file():
+                        out.put(name, (folder / name).read_bytes())
         live.timings["metrics"] = time.perf_counter() - t
+
+
+@contextmanager
+def _local_copy(out: Storage, prefix: str) -> Iterator[Path]:
+    """``prefix`` of a render folder as a local folder: the folder itself on a local backend,
+    else a temporary download (removed afterwards)."""
+    local = out.local_path()
+    if local is not None:
+        yield local / prefix if prefix else local
+        return
+    with tempfile.TemporaryDirectory(prefix="avatar-copy-") as tmp:
+        yield out.get_dir(prefix, Path(tmp) / (prefix or "render"))
+
+
+def _write_folder(out: Storage, prefix: str, write: Callable[[Path], Any]) -> Any:
+    """Let ``write`` fill the folder ``prefix`` of a render folder: in place on a local backend,
+    else in a temporary folder uploaded afterwards (one PUT per file)."""
+    local = out.local_path()
+    if local is not None:
+        return write(local / prefix)
+    with tempfile.TemporaryDirectory(prefix="avatar-upload-") as tmp:
+        result = write(Path(tmp) / prefix)
+        out.put_dir(Path(tmp) / prefix, prefix)
+        return result

@@ -1,5 +1,6 @@
 """A render folder's files: persisted frames and latents, the resume fingerprint, the encoded
-video, contact sheet and manifest. Written by the engine core only, every write atomic.
+video, contact sheet and manifest. The folder is a view of the storage backend
+(:class:`~engine.storage.Storage`: a local folder or a bucket prefix); every write is atomic.
 
     OUT/video.mp4            H.264 yuv420p at the render fps
     OUT/frames/000000.png …  the frames
@@ -19,45 +20,52 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
 import engine
 from engine.chain import frame_seed
 from engine.config import RenderConfig
+from engine.core.encode import (
+    decode_png,
+    encode_frame,
+    frame_keys,
+    latent_from_bytes,
+    png_bytes,
+    write_frame,
+)
 from engine.core.faults import InputsChangedError
 from engine.core.store import RenderStore
-from engine.files import atomic_json, replace_with
 from engine.pose import PoseSequence, overlay_pose
-from engine.video import VideoWriter, contact_sheet, load_png, save_png
+from engine.storage import Storage
+from engine.video import VideoWriter, contact_sheet
 
 SUBFOLDERS = ("frames", "poses", "latents", "masks")
 
 
 def remove_render(store: RenderStore, render_id: str) -> None:
-    """Remove a render for good: its folder (every artefact), then its index row and events.
+    """Remove a render for good: every artefact in the storage backend, then its index row and
+    events.
 
-    The folder goes first, so a crash in between leaves a row of a final render (never resumed)
-    rather than an orphan folder a new render of the same id would find. The caller makes sure
+    The artefacts go first, so a crash in between leaves a row of a final render (never resumed)
+    rather than orphan artefacts a new render of the same id would find. The caller makes sure
     nothing works on the render (:meth:`EngineCore.delete`).
     """
-    folder = store.folder(render_id)
     store.unlock(render_id)
-    if folder.exists():
-        shutil.rmtree(folder)
+    store.storage.delete(render_id)
     store.delete(render_id)
 
 
-def frames_persisted(out: Path, total: int) -> int:
+def frames_persisted(out: Storage, total: int) -> int:
     """How many leading frames of the render in ``out`` are complete (their latent is written
     last, so it marks a frame as done)."""
+    latents = set(out.keys("latents"))
     done = 0
-    while done < total and (out / "latents" / f"{done:06d}.safetensors").is_file():
+    while done < total and frame_keys(done)["latent"] in latents:
         done += 1
     return done
 
@@ -82,10 +90,10 @@ def _file_digest(path: Path) -> str:
 
 def input_hashes(config: RenderConfig, poses: PoseSequence, model_name: str) -> dict[str, str]:
     """sha256 of each input that determines the frames: the config (without output, limits,
-    cluster and metrics settings; the refine section included), the model, the resampled poses,
-    and the contents of a supplied plate and mask folder."""
+    cluster, storage and metrics settings; the refine section included), the model, the
+    resampled poses, and the contents of a supplied plate and mask folder."""
     relevant = config.model_dump(
-        mode="json", exclude={"output", "limits", "cluster", "metrics", "cache_dir"}
+        mode="json", exclude={"output", "limits", "cluster", "storage", "metrics", "cache_dir"}
     )
     for key in ("poses", "plate", "masks"):
         relevant.pop(key, None)
@@ -106,77 +114,81 @@ def fingerprint(hashes: dict[str, str]) -> str:
     return _sha(json.dumps(hashes, sort_keys=True).encode())
 
 
-def check_inputs(out: Path, hashes: dict[str, str], persisted: int) -> None:
+def check_inputs(out: Storage, hashes: dict[str, str], persisted: int) -> None:
     """Refuse to continue a render whose inputs changed; record them on a fresh start.
 
     Raises:
         InputsChangedError: naming every input that differs from the persisted frames' inputs.
     """
-    path = out / "inputs.json"
-    if persisted and path.is_file():
-        before = json.loads(path.read_text())
+    if persisted and out.exists("inputs.json"):
+        before = json.loads(out.get("inputs.json"))
         changed = sorted(k for k in set(before) | set(hashes) if before.get(k) != hashes.get(k))
         if changed:
             raise InputsChangedError(
-                f"{out} holds {persisted} frames made with other inputs ({', '.join(changed)} "
+                f"{out.uri} holds {persisted} frames made with other inputs ({', '.join(changed)} "
                 "changed since the render started); restore them or render into a new folder"
             )
         return
-    atomic_json(path, hashes)
+    put_json(out, "inputs.json", hashes)
 
 
-def open_folder(out: Path) -> None:
-    for sub in SUBFOLDERS:
-        (out / sub).mkdir(parents=True, exist_ok=True)
+def put_json(out: Storage, key: str, value: Any) -> None:
+    """``value`` as indented JSON under ``key`` (atomic)."""
+    out.put(key, json.dumps(value, indent=2).encode())
+
+
+def open_folder(out: Storage) -> None:
+    """Create a local render folder's subfolders (an object store needs none)."""
+    folder = out.local_path()
+    if folder is not None:
+        for sub in SUBFOLDERS:
+            (folder / sub).mkdir(parents=True, exist_ok=True)
 
 
 def save_frame(
-    out: Path,
+    out: Storage,
     index: int,
     frame: np.ndarray,
     latent: torch.Tensor | np.ndarray,
     pose_map: np.ndarray,
     mask: np.ndarray | None,
-) -> None:
-    """Persist a finished frame; its latent is written last, so it marks the frame as done."""
-    save_png(pose_map, out / "poses" / f"{index:06d}.png")
-    if mask is not None:
-        save_png(np.rint(mask * 255).astype(np.uint8), out / "masks" / f"{index:06d}.png")
-    save_png(frame, out / "frames" / f"{index:06d}.png")
-    path = out / "latents" / f"{index:06d}.safetensors"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tensor = torch.from_numpy(np.array(latent)) if isinstance(latent, np.ndarray) else latent
-    save_file({"latent": tensor.detach().float().cpu().contiguous()}, str(tmp))
-    replace_with(tmp, path)
+) -> dict[str, tuple[str, int]]:
+    """Persist a finished frame; its latent is written last, so it marks the frame as done.
+    Returns {key: (sha256, size)}."""
+    return write_frame(out, encode_frame(index, frame, latent, pose_map, mask))
 
 
-def load_latent(out: Path, index: int) -> np.ndarray:
+def load_latent(out: Storage, index: int) -> np.ndarray:
     """The persisted (1, 4, h, w) float32 clean latent of frame ``index``."""
-    return load_file(out / "latents" / f"{index:06d}.safetensors")["latent"].numpy()
+    return latent_from_bytes(out.get(frame_keys(index)["latent"]))
 
 
-def encode_video(out: Path, poses: PoseSequence, config: RenderConfig) -> Path:
-    """video.mp4 from the persisted frames (streamed: memory does not grow with the length)."""
-    with VideoWriter(
-        out / "video.mp4",
-        fps=poses.fps,
-        width=config.width,
-        height=config.height,
-        crf=config.output.crf,
-    ) as video:
-        for index in range(len(poses.keypoints)):
-            video.write(load_png(out / "frames" / f"{index:06d}.png"))
-    return out / "video.mp4"
+def load_frame(out: Storage, index: int) -> np.ndarray:
+    """The persisted (H, W, 3) uint8 frame ``index``."""
+    return decode_png(out.get(frame_keys(index)["frame"]))
 
 
-def write_contact_sheet(out: Path, poses: PoseSequence, max_frames: int) -> None:
+def encode_video(out: Storage, poses: PoseSequence, config: RenderConfig) -> str:
+    """video.mp4 from the persisted frames (streamed: memory does not grow with the length);
+    on an object store it is encoded into a local temporary file, then written with one PUT."""
+    folder = out.local_path()
+    with tempfile.TemporaryDirectory(prefix="avatar-video-") as tmp:
+        path = folder / "video.mp4" if folder is not None else Path(tmp) / "video.mp4"
+        with VideoWriter(
+            path, fps=poses.fps, width=config.width, height=config.height, crf=config.output.crf
+        ) as video:
+            for index in range(len(poses.keypoints)):
+                video.write(load_frame(out, index))
+        if folder is None:
+            out.put("video.mp4", path.read_bytes())
+    return "video.mp4"
+
+
+def write_contact_sheet(out: Storage, poses: PoseSequence, max_frames: int) -> None:
     total = len(poses.keypoints)
     picks = np.unique(np.linspace(0, total - 1, min(total, max_frames)).round().astype(int))
-    images = [
-        overlay_pose(load_png(out / "frames" / f"{i:06d}.png"), poses.keypoints[i], 0.6)
-        for i in picks
-    ]
-    save_png(contact_sheet(images, [str(i) for i in picks]), out / "contact_sheet.png")
+    images = [overlay_pose(load_frame(out, i), poses.keypoints[i], 0.6) for i in picks]
+    out.put("contact_sheet.png", png_bytes(contact_sheet(images, [str(i) for i in picks])))
 
 
 def versions() -> dict[str, str]:
@@ -194,7 +206,7 @@ def versions() -> dict[str, str]:
 
 
 def write_manifest(
-    out: Path,
+    out: Storage,
     config: RenderConfig,
     poses: PoseSequence,
     *,
@@ -206,7 +218,7 @@ def write_manifest(
     stages: dict[str, Any],
     peak_rss_mb: float,
     seconds_per_frame: float | None,
-) -> Path:
+) -> str:
     """Write manifest.json; ``prompt`` is (frame prompt, negative), ``stages`` the stage records."""
     frames = len(poses.keypoints)
     manifest: dict[str, Any] = {
@@ -236,9 +248,10 @@ def write_manifest(
             "latents": "latents/",
             "masks": "masks/" if config.alignment.background else None,
             "refined_prompt": "refined_prompt.json",
-            "adapter": "adapter/" if (out / "adapter").is_dir() else None,
-            "plate": "plate/" if (out / "plate").is_dir() else None,
+            "adapter": "adapter/" if out.keys("adapter") else None,
+            "plate": "plate/" if out.keys("plate") else None,
             "contact_sheet": "contact_sheet.png" if config.output.contact_sheet else None,
         },
     }
-    return atomic_json(out / "manifest.json", manifest)
+    put_json(out, "manifest.json", manifest)  # last: a render with a manifest is complete
+    return "manifest.json"

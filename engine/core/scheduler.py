@@ -351,6 +351,10 @@ class ChainScheduler:
         """A snapshot of one render; :class:`UnknownRenderError` for unknown ids."""
         return self._get(render_id).progress()
 
+    def stage(self, render_id: str) -> Stage:
+        """The stage of one render (``status(id).stage`` without computing its progress)."""
+        return self._get(render_id).stage
+
     def events(self) -> list[Progress]:
         """Progress events since the last call, in order.
 

@@ -1,7 +1,8 @@
-"""The durable render store: one SQLite index (WAL) + one folder per render under a storage root.
+"""The durable render store: one SQLite index (WAL) in a local folder + one folder per render in
+the storage backend (the same local folder by default, or an object store: :mod:`engine.storage`).
 
     ROOT/renders.sqlite          id, spec, fingerprint, state, frames, attempts, error, … + events
-    ROOT/<id>/                   the render's artefacts (frames, latents, video, manifest, …)
+    BACKEND/<id>/                the render's artefacts (frames, latents, video, manifest, …)
     ROOT/<id>/.lock              held (flock) by the one engine core working on that render
 
 Ids are generated (random, unguessable) or validated (``[A-Za-z0-9_-]{1,64}``), and every path is
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from engine.config import ConfigError
+from engine.config import ConfigError, RenderConfig
+from engine.storage import LocalStorage, Storage, open_storage
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 State = Literal[
@@ -139,18 +141,29 @@ class RenderRecord:
 
 
 class RenderStore:
-    """SQLite index + per-render folders under ``root``.
+    """SQLite index under ``root`` + per-render folders in a storage backend.
 
     Args:
-        root: The storage root (created).
+        root: The index folder (created; local to the core), and the render folders' root when
+            no ``storage`` is given.
         folder: Single-render mode: the one folder every render id maps to (``avatar render
             --out DIR``); the index then lives in ``folder/.renders.sqlite``.
+        storage: Where the render folders live (``<storage>/<id>/``); default: ``root``.
     """
 
-    def __init__(self, root: str | Path, *, folder: str | Path | None = None):
+    def __init__(
+        self,
+        root: str | Path,
+        *,
+        folder: str | Path | None = None,
+        storage: Storage | None = None,
+    ):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self._single = Path(folder).resolve() if folder is not None else None
+        if self._single is not None and storage is not None:
+            raise ValueError("single-render mode (folder=) writes to that folder; drop storage=")
+        self.storage = storage or LocalStorage(self._single or self.root)
         db = (self._single / ".renders.sqlite") if self._single else self.root / "renders.sqlite"
         db.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db, check_same_thread=False, isolation_level=None, timeout=30)
@@ -162,19 +175,35 @@ class RenderStore:
 
     # -- paths and locks ----------------------------------------------------------------------
 
-    def folder(self, render_id: str) -> Path:
-        """The render's artefact folder (derived from the validated id only)."""
+    def files(self, render_id: str) -> Storage:
+        """The render's artefact folder in the backend (derived from the validated id only)."""
         check_id(render_id)
-        return self._single if self._single is not None else self.root / render_id
+        return self.storage if self._single is not None else self.storage.sub(render_id)
+
+    def folder(self, render_id: str) -> Path:
+        """The render's artefact folder on this machine's disk.
+
+        Raises:
+            ValueError: the render folders live in a remote backend (use :meth:`files`).
+        """
+        path = self.files(render_id).local_path()
+        if path is None:
+            raise ValueError(
+                f"render {render_id!r} lives in {self.files(render_id).uri}, not on a local disk"
+            )
+        return path
 
     def lock(self, render_id: str) -> None:
-        """Hold the render folder for this core (released by :meth:`unlock` or process exit)."""
+        """Hold the render folder for this core (released by :meth:`unlock` or process exit).
+        The lock file lives in the local render folder, or under the index folder for a remote
+        backend (one core per index)."""
         import fcntl
         import os
 
         if render_id in self._locks:
             return
-        folder = self.folder(render_id)
+        local = self.files(render_id).local_path()
+        folder = local if local is not None else self.root / ".locks" / render_id
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / ".lock", os.O_CREAT | os.O_RDWR, 0o644)
         try:
@@ -320,6 +349,12 @@ class RenderStore:
             self.unlock(render_id)
         with self._lock:
             self._db.close()
+
+
+def open_store(root: str | Path, config: RenderConfig) -> RenderStore:
+    """The store of an engine config: its index in the local folder ``root``, its render
+    folders in ``config.storage`` (default: ``root`` too)."""
+    return RenderStore(root, storage=open_storage(config.storage, root))
 
 
 def _record(row: tuple[Any, ...]) -> RenderRecord:

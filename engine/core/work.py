@@ -13,7 +13,9 @@ import os
 import resource
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,8 +25,10 @@ from engine.appearance.train import AdapterWeights
 from engine.batching import BatchDenoiser, decode_frames, rows_per_frame
 from engine.chain import FrameChain
 from engine.config import ModelConfig, RenderConfig
+from engine.core.encode import EncodedFrame, encode_frame, write_frame
 from engine.core.faults import NonFiniteOutputError, classify
-from engine.session import CharacterChain
+from engine.session import CharacterChain, SuppliedMasks
+from engine.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +58,11 @@ class SessionSpec:
     plate: np.ndarray | None
     """(H, W, 3) uint8 background plate, or None."""
     adapter: AdapterPayload | None
+    masks: SuppliedMasks | None = None
+    """The spec's masks read at the render size (a worker reads no mask file)."""
+    out: Storage | None = None
+    """The render's folder in a backend every node reaches: a Ray Sampler writes the frames
+    there itself. None: the frames travel back encoded and the core's writers persist them."""
 
 
 @dataclass
@@ -80,6 +89,26 @@ class FrameOutcome:
     error: str | None = None
     kind: str | None = None
     """``input`` or ``infra`` when ``error`` is set."""
+    encoded: EncodedFrame | None = None
+    """The frame's objects encoded by the worker (then ``frame``/``pose_map``/``mask`` are
+    None): the core's writers only write them."""
+    written: dict[str, tuple[str, int]] | None = None
+    """The worker wrote the frame to the shared backend itself: {key: (sha256, size)}."""
+
+    def encode(self) -> None:
+        """Replace the frame's arrays by their encoded objects (on the worker)."""
+        assert self.latent is not None and self.frame is not None and self.pose_map is not None
+        self.encoded = encode_frame(self.index, self.frame, self.latent, self.pose_map, self.mask)
+        self.frame = self.pose_map = self.mask = None
+
+    def write(self, out: Storage) -> None:
+        """Encode the frame and write it into its render's folder ``out`` (latent last); only
+        its latent (the next frame's reference) and the digests travel back."""
+        if self.encoded is None:
+            self.encode()
+        assert self.encoded is not None
+        self.written = write_frame(out, self.encoded)
+        self.encoded = None
 
 
 def padding_policy(config: RenderConfig) -> str:
@@ -113,24 +142,35 @@ def refine_stage(config: RenderConfig) -> dict[str, Any]:
 
 
 def appearance_stage(
-    chain: FrameChain, config: RenderConfig, refined: dict[str, Any]
+    chain: FrameChain,
+    config: RenderConfig,
+    refined: dict[str, Any],
+    shared: Storage | None = None,
 ) -> AdapterPayload:
     """Get (train once, then cache) the character's appearance LoRA, or import
-    ``appearance.lora`` (brought from elsewhere: no training)."""
+    ``appearance.lora`` (brought from elsewhere: no training). With a ``shared`` backend the
+    cache is content-addressed there too (``cache/adapters/<key>/``): a node reuses the adapter
+    another node trained."""
     if config.appearance.lora:
         return imported_adapter(chain, config)
     from engine.appearance import get_or_train_adapter
+    from engine.appearance.cache import adapter_key
     from engine.method import cache_root
     from engine.refine import RefinedPrompt
 
+    prompt = RefinedPrompt.model_validate(refined)
+    key = adapter_key(chain.parts.name, prompt, config.appearance, sampler=config.sampler)
+    folder = cache_root(config) / "adapters" / key
+    if shared is not None:
+        fetch_adapter(shared.sub(f"cache/adapters/{key}"), folder)
     adapter = get_or_train_adapter(
-        chain,
-        RefinedPrompt.model_validate(refined),
-        config.appearance,
-        cache_root(config),
-        sampler=config.sampler,
+        chain, prompt, config.appearance, cache_root(config), sampler=config.sampler
     )
+    if shared is not None and adapter.trained:
+        publish_adapter(folder, shared.sub(f"cache/adapters/{key}"))
     record = {"name": adapter.name, "path": str(adapter.path), "trained": adapter.trained}
+    if shared is not None:  # where every node finds it (the path above is the trainer's disk)
+        record["shared"] = shared.sub(f"cache/adapters/{key}").uri
     return AdapterPayload(adapter.name, adapter.weights, adapter.weights.digest(), record)
 
 
@@ -183,6 +223,39 @@ def background_stage(
     )
 
 
+def fetch_adapter(remote: Storage, folder: Path) -> bool:
+    """Copy a complete adapter folder from the shared cache into the local cache ``folder``
+    (atomically: a temporary sibling renamed into place); False if the cache lacks it."""
+    import shutil
+    import tempfile
+
+    from engine.appearance.adapter import ADAPTER_FILE, META_FILE, is_complete
+
+    if is_complete(folder) or not remote.exists(META_FILE) or not remote.exists(ADAPTER_FILE):
+        return False
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".fetch-{folder.name}-"))
+    try:
+        remote.get_dir("", tmp)
+        os.replace(tmp, folder)
+    except OSError:
+        if not is_complete(folder):  # not another process that fetched it meanwhile
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def publish_adapter(folder: Path, remote: Storage) -> None:
+    """Upload a trained adapter folder to the shared cache, its metadata file last (a reader
+    takes a folder with both files as complete)."""
+    from engine.appearance.adapter import META_FILE
+
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != META_FILE)
+    for path in [*files, folder / META_FILE]:
+        remote.put(path.relative_to(folder).as_posix(), path.read_bytes())
+
+
 def ensure_adapter(chain: FrameChain, adapter: AdapterPayload | None) -> str | None:
     """Load ``adapter`` onto the chain's UNet (and text encoder) unless it is there; its name."""
     if adapter is None:
@@ -214,6 +287,7 @@ class SamplerState:
         self.padding = padding
         self.sessions: dict[str, CharacterChain] = {}
         self._adapters: dict[str, str | None] = {}
+        self._outs: dict[str, Storage | None] = {}
 
     def open(self, render_id: str, spec: SessionSpec) -> CharacterChain:
         """Build the session of ``render_id`` (prompt embeddings with the character's text LoRA
@@ -232,16 +306,19 @@ class SamplerState:
                 negative=spec.negative,
                 plate=spec.plate,
                 adapter=name,
+                masks=spec.masks,
             )
         finally:
             activate(parts.unet, None, text_encoder=parts.text_encoder)
         self.sessions[render_id] = session
         self._adapters[render_id] = name
+        self._outs[render_id] = spec.out
         return session
 
     def close(self, render_id: str) -> None:
         """Free a render's session, and its adapter when no other session uses it."""
         self.sessions.pop(render_id, None)
+        self._outs.pop(render_id, None)
         name = self._adapters.pop(render_id, None)
         if name is not None and name not in self._adapters.values():
             from engine.appearance import remove_adapter
@@ -287,6 +364,11 @@ class SamplerState:
                 outcomes[i] = self._finish(requests[i], latent, frame)
         return [outcomes[i] for i in range(len(requests))]
 
+    def deliver(self, outcomes: list[FrameOutcome]) -> None:
+        """Encode each finished frame where it was made, and write it to its render's folder
+        when the backend is shared (see :func:`deliver`)."""
+        deliver(outcomes, self._outs.get)
+
     def _finish(self, r: FrameWork, latent: torch.Tensor, frame: np.ndarray | None) -> FrameOutcome:
         try:
             if not torch.isfinite(latent).all():
@@ -302,6 +384,35 @@ class SamplerState:
             )
         except Exception as e:
             return _failed(r, e)
+
+
+def deliver(
+    outcomes: list[FrameOutcome],
+    out_of: Callable[[str], Storage | None],
+    threads: int = 8,
+) -> None:
+    """Encode a batch's finished frames and write each to its render's folder ``out_of(id)``
+    when that is a shared backend (then only its latent and digests travel back), the frames
+    side by side (PNG encoding and object-store PUTs release the GIL), so a batch costs about
+    one frame's delivery. A frame that cannot be written becomes an infrastructure error."""
+
+    def one(outcome: FrameOutcome) -> None:
+        try:
+            out = out_of(outcome.render_id)
+            if out is not None:
+                outcome.write(out)
+            else:
+                outcome.encode()
+        except Exception as e:
+            outcome.error, outcome.kind = f"writing frame {outcome.index}: {e}", "infra"
+
+    todo = [o for o in outcomes if o.error is None]
+    if len(todo) <= 1:
+        for outcome in todo:
+            one(outcome)
+        return
+    with ThreadPoolExecutor(min(threads, len(todo)), thread_name_prefix="deliver") as pool:
+        list(pool.map(one, todo))
 
 
 def _failed(r: FrameWork, e: BaseException) -> FrameOutcome:
