@@ -31,5 +31,6 @@ def test_a_request_names_an_allowed_character_and_nothing_else(served):
     assert r.status_code == 202, r.text
     view = wait_state(client, r.json()["id"], "alice", {"done", "failed"})
     assert view["state"] == "done", view
-    manifest = json.loads((service.store.folder(r.json()["id"]) / "manifest.json").read_text())
+    stored = service.record("alice", r.json()["id"]).id  # the store's id is tagged with the owner
+    manifest = json.loads(service.store.files(stored).get("manifest.json"))
     assert '"imported": true' in json.dumps(manifest)
