@@ -243,7 +243,8 @@ def test_serve_downloads_stream_from_the_bucket(tmp_path: Path, s3: str, tiny_ch
         assert wait_state(client, render_id, "alice", {"done", "failed"})["state"] == "done"
         url = f"/v1/renders/{render_id}/video"
         full = client.get(url, headers=auth("alice"))
-        in_bucket = s3_storage(s3, "serve").get(f"{render_id}/video.mp4")
+        stored = service.record("alice", render_id).id  # the store's id is tagged with the owner
+        in_bucket = s3_storage(s3, "serve").get(f"{stored}/video.mp4")
         assert full.status_code == 200 and full.content == in_bucket
         part = client.get(url, headers={**auth("alice"), "Range": "bytes=10-99"})
         assert part.status_code == 206 and part.content == in_bucket[10:100]
