@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 SIZE = 64
 """Frame side of the world the shipped weights were trained on."""
@@ -150,20 +150,10 @@ def extend_text_encoder(
 
 
 def build_text_encoder(tokenizer: CLIPTokenizer) -> CLIPTextModel:
-    """A 2-layer CLIP text encoder over the offline tokenizer's vocabulary."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TEXT["hidden_size"],
-            intermediate_size=TEXT["intermediate_size"],
-            num_hidden_layers=TEXT["num_hidden_layers"],
-            num_attention_heads=TEXT["heads"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    """A 2-layer CLIP text encoder (:data:`TEXT`) over ``tokenizer``'s vocabulary."""
+    from engine.models.tokenizer import clip_text_encoder
+
+    return clip_text_encoder(tokenizer, TEXT)
 
 
 def build_segmenter() -> torch.nn.Module:

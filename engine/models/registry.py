@@ -17,11 +17,11 @@ from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine.config import ConfigError, ModelConfig
 from engine.models.errors import WeightsNotFoundError
-from engine.models.tokenizer import build_offline_tokenizer
+from engine.models.tokenizer import build_offline_tokenizer, clip_text_encoder
 
 # Stable Diffusion 1.x noise schedule (scheduler_config.json of the SD-1.5 checkpoint).
 SD_SCHEDULER = {
@@ -273,19 +273,7 @@ def _random_parts(
 
 def _random_text_encoder(tokenizer: CLIPTokenizer, text: dict[str, int]) -> CLIPTextModel:
     """A random CLIP text encoder of the given width/depth over the offline tokenizer."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=text["hidden_size"],
-            intermediate_size=text["intermediate_size"],
-            num_hidden_layers=text["num_hidden_layers"],
-            num_attention_heads=text["heads"],
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return clip_text_encoder(tokenizer, text)
 
 
 def _finish(parts: DiffusionComponents) -> DiffusionComponents:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 
-from transformers import AddedToken, CLIPTokenizer
+from transformers import AddedToken, CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 # Words that get whole-word merges so common prompt words are one token (keeps sequences short).
 _WORDS = [
@@ -120,3 +120,21 @@ def build_offline_tokenizer(extra_words: tuple[str, ...] = ()) -> CLIPTokenizer:
     if extra_words:
         tok.add_tokens([AddedToken(w, single_word=True, normalized=True) for w in extra_words])
     return tok
+
+
+def clip_text_encoder(tokenizer: CLIPTokenizer, text: dict[str, int]) -> CLIPTextModel:
+    """A randomly initialised CLIP text encoder over ``tokenizer``'s vocabulary (77 positions);
+    ``text`` gives ``hidden_size``, ``intermediate_size``, ``num_hidden_layers`` and ``heads``."""
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=text["hidden_size"],
+            intermediate_size=text["intermediate_size"],
+            num_hidden_layers=text["num_hidden_layers"],
+            num_attention_heads=text["heads"],
+            max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    )
