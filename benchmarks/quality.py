@@ -170,8 +170,11 @@ def build_cases(suite: str, frames: int, width: int, height: int, out: Path) -> 
     return cases
 
 
-def render_config(args: argparse.Namespace, case: Case, variant: str) -> Any:
-    """The render config of one case and variant (the preset plus the benchmark's overrides)."""
+def render_config(
+    args: argparse.Namespace, case: Case, variant: str, method: Sequence[str] | None = None
+) -> Any:
+    """The render config of one case and variant (the preset plus the benchmark's overrides);
+    ``method``: the variant's settings (default: the full method with ``VARIANTS[variant]``)."""
     from engine.config import load_config
 
     overrides = [
@@ -180,8 +183,7 @@ def render_config(args: argparse.Namespace, case: Case, variant: str) -> Any:
         f"seed={case.seed}",
         f"cache_dir={args.out / 'cache'}",
         "output.contact_sheet=false",
-        *FULL_METHOD,
-        *VARIANTS[variant][1],
+        *((*FULL_METHOD, *VARIANTS[variant][1]) if method is None else method),
         *args.set,
     ]
     if args.steps is not None:

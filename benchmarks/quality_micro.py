@@ -28,7 +28,7 @@ import shutil
 import time
 from typing import Any
 
-from benchmarks.quality import Case, machine_info, mean_by_variant, pose_sequence
+from benchmarks.quality import Case, machine_info, mean_by_variant, pose_sequence, render_config
 
 WORLD_PROMPTS = (
     "a woman in a red dress dancing on a beach",
@@ -102,22 +102,7 @@ MICRO_NOTES = (
 
 def micro_config(args: argparse.Namespace, case: Case, variant: str) -> Any:
     """The render config of one case and variant on the micro preset."""
-    from engine.config import load_config
-
-    overrides = [
-        f"poses={case.poses}",
-        f"prompt={case.prompt}",
-        f"seed={case.seed}",
-        f"cache_dir={args.out / 'cache'}",
-        "output.contact_sheet=false",
-        *MICRO_VARIANTS[variant][1],
-        *args.set,
-    ]
-    if args.steps is not None:
-        overrides.append(f"sampler.steps={args.steps}")
-    if args.appearance_steps is not None:
-        overrides.append(f"appearance.steps={args.appearance_steps}")
-    return load_config(None, preset="micro", overrides=overrides)
+    return render_config(args, case, variant, MICRO_VARIANTS[variant][1])  # args.preset: micro
 
 
 def world_cases(args: argparse.Namespace, width: int, height: int) -> list[Case]:
