@@ -72,6 +72,8 @@ class Run:
         self.current: tuple[str, str] | None = None
         self.closed = False
         self.start = time.perf_counter()
+        self.only: frozenset[str] | None = None
+        """``--only``: the sections to measure (None = all); the others are recorded as skipped."""
         self.report: dict[str, Any] = {
             "plan": asdict(plan),
             "budget_s": budget_s,
@@ -125,9 +127,24 @@ class Run:
             steps = self.plan.steps
             self.row_step_s = max(self.row_step_s, row["denoise_s"] / (row["unet_rows"] * steps))
 
-    def do(self, section: str, label: str, estimate: float, fn: Callable[[], Any]) -> Any:
-        """Run one measurement if ``estimate`` fits what is left of the budget; record it."""
+    def do(
+        self,
+        section: str,
+        label: str,
+        estimate: float,
+        fn: Callable[[], Any],
+        required: bool = False,
+    ) -> Any:
+        """Run one measurement if its section is selected (``--only``; ``required`` items run
+        whatever is selected: the model build and the row that calibrates the estimates) and
+        ``estimate`` fits what is left of the budget; record it."""
         entry = self.report["sections"][section]
+        if self.only is not None and section not in self.only and not required:
+            reason = f"not selected (--only {','.join(sorted(self.only))})"
+            entry["skipped"].append({"item": label, "reason": reason})
+            self.log(f"{section} {label}: skipped ({reason})")
+            self.write()
+            return None
         if estimate > self.left():
             reason = f"needs ≈{estimate:.1f} s, {max(self.left(), 0):.1f} s of the budget left"
             entry["skipped"].append({"item": label, "reason": reason})
@@ -314,25 +331,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--smoke", action="store_true", help="tiny preset on the CPU (the test)")
     p.add_argument("--preset", default="sd15-random")
     p.add_argument("--device", default="cuda")
+    p.add_argument(
+        "--only", default="", help=f"measure only these sections (comma-separated: {SECTIONS})"
+    )
     args = p.parse_args(argv)
     if args.budget_s <= 0 or args.grace_s < 0:
         p.error(f"--budget-s must be > 0 and --grace-s >= 0, got {args.budget_s}, {args.grace_s}")
+    only = frozenset(filter(None, args.only.split(",")))
+    if only - set(SECTIONS):
+        p.error(f"--only: unknown sections {sorted(only - set(SECTIONS))}; use {list(SECTIONS)}")
     plan = cases.SMOKE if args.smoke else cases.full_plan(args.preset, args.device)
     if plan.device.startswith("cuda") and not torch.cuda.is_available():
         p.error("no CUDA device here: run on the GPU machine, or --smoke on a CPU")
     if plan.device.startswith("cuda"):
         torch.backends.cudnn.benchmark = True
     run = Run(plan, args.out, args.budget_s, args.grace_s)
+    run.only = only or None
     run.log(f"plan {plan}; machine {run.report['machine'].get('gpu', plan.device)}")
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-"))
     benches: dict[str, cases.Bench] = {}
     try:
         main_dtype, goal = plan.dtypes[0], plan.goal_batch
         build = lambda: benches.setdefault(main_dtype, cases.build_bench(plan, main_dtype))  # noqa: E731
-        if run.do("batches", f"build {main_dtype}", 0.0, lambda: {"build_s": build().build_s}):
+        built = lambda: {"build_s": build().build_s}  # noqa: E731
+        if run.do("batches", f"build {main_dtype}", 0.0, built, required=True):
             run.do(
                 "batches", f"{main_dtype} none b={goal}", 0.0,
                 lambda: cases.measure_batch(benches[main_dtype], plan, "none", goal),
+                required=True,  # the unit of every estimate
             )  # fmt: skip
             for section, label, estimate, fn in Planner(run, benches, root).items():
                 run.do(section, label, estimate(), fn)

@@ -119,3 +119,17 @@ def test_the_full_run_needs_a_gpu_and_a_positive_budget(tmp_path, capsys):
     with pytest.raises(SystemExit):
         gpu.main(["--smoke", "--out", str(tmp_path), "--grace-s", "-1"])
     assert "--grace-s >= 0" in capsys.readouterr().err
+
+
+def test_only_measures_the_named_sections(tmp_path):
+    """``--only lora``: the model build and the calibrating batch row run (the estimates' unit),
+    LoRA is measured, every other item is recorded as skipped, saying why."""
+    assert gpu.main(["--smoke", "--out", str(tmp_path), "--budget-s", "900", "--only", "lora"]) == 0
+    s = json.loads((tmp_path / "gpu.json").read_text())["sections"]
+    assert s["lora"]["rows"] and not s["lora"]["skipped"]
+    assert len([r for r in s["batches"]["rows"] if "mode" in r]) == 1  # the calibrating row
+    for name in ("diffusers_peer", "other_dtype", "core_utilisation", "deep_cache", "compile"):
+        assert not s[name]["rows"], name
+        assert all("not selected (--only lora)" in k["reason"] for k in s[name]["skipped"]), name
+    with pytest.raises(SystemExit):
+        gpu.main(["--smoke", "--out", str(tmp_path), "--only", "lora,warp"])
