@@ -30,7 +30,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,22 +208,26 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
-def _render_and_score(
-    args: argparse.Namespace, case: Case, variant: str, chain: Any, clip: Any, estimator: Any
-) -> dict[str, Any]:
-    """Render one case x variant into ``OUT/renders/<case>/<variant>`` and score it."""
-    from engine.metrics.report import score_render
+def render_scored(
+    args: argparse.Namespace,
+    case: Case,
+    variant: str,
+    chain: Any,
+    config: Any,
+    score: Callable[[Path], dict[str, Any]],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Render ``config`` into a fresh ``OUT/renders/<case>/<variant>`` and ``score`` it: the
+    run's record (case, variant, folder, timings) and the scores."""
     from engine.render import render
 
     out = args.out / "renders" / case.name / variant
     shutil.rmtree(out, ignore_errors=True)  # a fresh render, never a resume
     t0 = time.perf_counter()
-    result = render(render_config(args, case, variant), out, chain=chain, progress=False)
+    result = render(config, out, chain=chain, progress=False)
     t1 = time.perf_counter()
-    metrics = score_render(out, clip=clip, estimator=estimator, plot=args.plots)
+    scored = score(out)
     t2 = time.perf_counter()
-    print(f"  {case.name:24s} {variant:14s} render {t1 - t0:6.1f} s  score {t2 - t1:5.1f} s")
-    return {
+    record = {
         "case": case.name,
         "prompt": case.prompt,
         "poses": case.poses.name,
@@ -233,6 +237,26 @@ def _render_and_score(
         "render_s": round(t1 - t0, 3),
         "score_s": round(t2 - t1, 3),
         "render_timings_s": {k: round(v, 3) for k, v in result.timings.items()},
+    }
+    return record, scored
+
+
+def _render_and_score(
+    args: argparse.Namespace, case: Case, variant: str, chain: Any, clip: Any, estimator: Any
+) -> dict[str, Any]:
+    """Render one case x variant into ``OUT/renders/<case>/<variant>`` and score it."""
+    from engine.metrics.report import score_render
+
+    record, metrics = render_scored(
+        args, case, variant, chain, render_config(args, case, variant),
+        lambda out: score_render(out, clip=clip, estimator=estimator, plot=args.plots),
+    )  # fmt: skip
+    print(
+        f"  {case.name:24s} {variant:14s} render {record['render_s']:6.1f} s  "
+        f"score {record['score_s']:5.1f} s"
+    )
+    return {
+        **record,
         "metrics": metrics["aggregate"],
         "null_reasons": metrics["null_reasons"],
         "settings": metrics["settings"],

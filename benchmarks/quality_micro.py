@@ -24,11 +24,17 @@ Writes ``OUT/quality.json`` (machine, preset, suite, settings, per-render metric
 from __future__ import annotations
 
 import argparse
-import shutil
 import time
 from typing import Any
 
-from benchmarks.quality import Case, machine_info, mean_by_variant, pose_sequence, render_config
+from benchmarks.quality import (
+    Case,
+    machine_info,
+    mean_by_variant,
+    pose_sequence,
+    render_config,
+    render_scored,
+)
 
 WORLD_PROMPTS = (
     "a woman in a red dress dancing on a beach",
@@ -121,36 +127,19 @@ def _render_and_score(
 ) -> dict[str, Any]:
     """Render one case x variant into ``OUT/renders/<case>/<variant>``; score it (micro section)."""
     from engine.metrics.report import score_render
-    from engine.render import render
 
-    out = args.out / "renders" / case.name / variant
-    shutil.rmtree(out, ignore_errors=True)  # a fresh render, never a resume
-    t0 = time.perf_counter()
-    result = render(micro_config(args, case, variant), out, chain=chain, progress=False)
-    t1 = time.perf_counter()
-    scored = score_render(out, clip=clip, estimator=estimator, plot=args.plots, micro=True)
-    t2 = time.perf_counter()
+    record, scored = render_scored(
+        args, case, variant, chain, micro_config(args, case, variant),
+        lambda out: score_render(out, clip=clip, estimator=estimator, plot=args.plots, micro=True),
+    )  # fmt: skip
     metrics = {**scored["micro"]["aggregate"], "frame_l1": scored["aggregate"]["frame_l1"]}
     print(
-        f"  {case.name:4s} {variant:16s} render {t1 - t0:6.1f} s  score {t2 - t1:4.1f} s  "
+        f"  {case.name:4s} {variant:16s} render {record['render_s']:6.1f} s  "
+        f"score {record['score_s']:4.1f} s  "
         + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if v is not None),
         flush=True,
     )
-    return {
-        "case": case.name,
-        "prompt": case.prompt,
-        "poses": case.poses.name,
-        "seed": case.seed,
-        "variant": variant,
-        "dir": str(out),
-        "render_s": round(t1 - t0, 3),
-        "score_s": round(t2 - t1, 3),
-        "render_timings_s": {k: round(v, 3) for k, v in result.timings.items()},
-        "metrics": metrics,
-        "paper_metrics": scored["aggregate"],
-        "garment_colours": scored["micro"]["per_frame"]["garment_colour"],
-        "null_reasons": scored["micro"]["null_reasons"],
-    }
+    return {**record, "metrics": metrics, "paper_metrics": scored["aggregate"]}
 
 
 def check_directions(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
