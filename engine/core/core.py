@@ -21,11 +21,9 @@ from __future__ import annotations
 
 import builtins
 import logging
-import queue
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from engine.config import RenderConfig
@@ -38,14 +36,28 @@ from engine.core.executor import (
     StageStarted,
 )
 from engine.core.faults import classify, describe
+from engine.core.handover import RenderFinisher, RenderLoader
 from engine.core.inputs import snapshot_inputs
-from engine.core.live import LiveRender, finalize, load_render, save_prepared
+from engine.core.live import LiveRender, save_prepared
 from engine.core.outputs import remove_render
+from engine.core.recovery import Recovery
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
-from engine.core.store import FINAL_STATES, STATES, RenderRecord, RenderStore, check_id, new_id
+from engine.core.store import (
+    FINAL_STATES,
+    STATES,
+    ConflictError,
+    QueueFullError,
+    RenderRecord,
+    RenderStore,
+    UnknownRenderError,
+    check_id,
+    new_id,
+)
 from engine.core.writes import FrameWriter, advance
 
 log = logging.getLogger(__name__)
+
+__all__ = ["ConflictError", "EngineCore", "QueueFullError", "UnknownRenderError"]
 
 _STATE = {
     Stage.QUEUED: "queued",
@@ -55,19 +67,6 @@ _STATE = {
     Stage.FAILED: "failed",
     Stage.CANCELLED: "cancelled",
 }
-
-
-class ConflictError(ValueError):
-    """A client-chosen id already names a render with a different spec."""
-
-
-class QueueFullError(RuntimeError):
-    """The core holds ``cluster.max_queued`` unfinished renders; try again later."""
-
-
-class UnknownRenderError(KeyError):
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
 
 
 class EngineCore:
@@ -98,13 +97,6 @@ class EngineCore:
         self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
         self._lock = threading.RLock()
         self._live: dict[str, LiveRender] = {}
-        self._loading: set[str] = set()
-        self._finishing: set[str] = set()
-        self._loaded: queue.Queue[tuple[str, LiveRender | BaseException]] = queue.Queue()
-        self._finished: queue.Queue[tuple[str, BaseException | None]] = queue.Queue()
-        self._loader = ThreadPoolExecutor(1, thread_name_prefix="load")
-        # Two finishers: the videos of renders that end together encode side by side (ffmpeg).
-        self._finisher = ThreadPoolExecutor(2, thread_name_prefix="finish")
         self._inflight: dict[int, builtins.list[FrameRequest]] = {}
         self._batch_serial = 0
         self._waiting_since: float | None = None
@@ -127,6 +119,10 @@ class EngineCore:
         # store's frames_done) follows its files, never precedes them, and at most
         # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
         self._writer = FrameWriter(c.writers, self._doorbell, self.stats)
+        self._loader = RenderLoader(store, config.model, self._doorbell)
+        self._finisher = RenderFinisher(self._doorbell)
+        self._loading, self._finishing = self._loader.loading, self._finisher.finishing
+        self._recovery = Recovery(self.scheduler, store, c, self._live, self._event, self.stats)
         if resume:
             for record in store.unfinished():
                 log.info("resuming render %s (%s)", record.id, record.state)
@@ -265,39 +261,19 @@ class EngineCore:
         if self._closed:
             return
         self._closed = True
-        self._loader.shutdown(wait=True, cancel_futures=True)
+        self._loader.close()
         self._writer.close()
-        self._finisher.shutdown(wait=True)
+        self._finisher.close()
         self.executor.close()
         self.store.close()
 
     # -- schedule -----------------------------------------------------------------------------
 
     def _admit(self, render_id: str, config: RenderConfig) -> None:
-        self._loading.add(render_id)
-        store, model = self.store, self.config.model
-
-        def ended() -> bool:  # cancelled or deleted while loading: stop decoding its poses
-            record = store.get(render_id)
-            return record is None or record.final
-
-        def load() -> None:
-            try:
-                live = load_render(store, render_id, config, model, cancelled=ended)
-                self._loaded.put((render_id, live))
-            except BaseException as e:
-                self._loaded.put((render_id, e))
-            self._doorbell.set()
-
-        self._loader.submit(load)
+        self._loader.admit(render_id, config)
 
     def _take_loaded(self) -> None:
-        while True:
-            try:
-                render_id, live = self._loaded.get_nowait()
-            except queue.Empty:
-                return
-            self._loading.discard(render_id)
+        for render_id, live in self._loader.take():
             record = self.store.get(render_id)
             if record is None or record.final:  # cancelled while loading
                 if isinstance(live, LiveRender):
@@ -375,7 +351,7 @@ class EngineCore:
         if isinstance(outcome, BatchDone | BatchFailed):
             batch = self._inflight.pop(outcome.batch_id, [])
             if isinstance(outcome, BatchFailed):
-                self._batch_failed(batch, outcome)
+                self._recovery.batch_failed(batch, outcome)
             else:
                 self._batch_done(batch, outcome)
             return
@@ -385,15 +361,15 @@ class EngineCore:
         if isinstance(outcome, StageStarted):
             self._set_state(live.id, outcome.stage)
         elif isinstance(outcome, PrepareFailed):
-            if outcome.worker_lost and self._wait_for_worker(live, outcome.error):
+            if outcome.worker_lost and self._recovery.wait_for_worker(live, outcome.error):
                 self.scheduler.requeue_prepare(live.id)
                 return
-            self._retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
+            self._recovery.retry_or_fail(live.id, outcome.error, outcome.kind, prepare=True)
         else:
             try:
                 spec = save_prepared(live, outcome)
             except Exception as e:
-                self._retry_or_fail(live.id, f"saving the prepare stages: {describe(e)}",
+                self._recovery.retry_or_fail(live.id, f"saving the prepare stages: {describe(e)}",
                                     classify(e), prepare=True)  # fmt: skip
                 return
             if live.out.shared:  # workers write their frames into the render folder
@@ -413,7 +389,9 @@ class EngineCore:
             live.peak_rss_mb = max(live.peak_rss_mb, live_peak)
             if outcome.error is not None:
                 request = FrameRequest(outcome.render_id, outcome.index)
-                self._retry_or_fail(live.id, outcome.error, outcome.kind or "infra", [request])
+                self._recovery.retry_or_fail(
+                    live.id, outcome.error, outcome.kind or "infra", [request]
+                )
                 continue
             live.keep_latent(outcome)
             self._writer.submit(live, outcome)
@@ -451,66 +429,6 @@ class EngineCore:
         else:
             self.scheduler.fail(live.id, reason)
 
-    def _batch_failed(self, batch: builtins.list[FrameRequest], failed: BatchFailed) -> None:
-        log.warning("batch of %d frames failed: %s", len(batch), failed.error)
-        self.stats["retries"] += 1
-        for request in batch:
-            live = self._live.get(request.render_id)
-            if live is None:
-                continue
-            if failed.worker_lost and self._wait_for_worker(live, failed.error):
-                if request in self.scheduler.in_flight():
-                    self.scheduler.requeue([request])
-                continue
-            self._retry_or_fail(request.render_id, failed.error, failed.kind, [request])
-
-    def _wait_for_worker(self, live: LiveRender, error: str) -> bool:
-        """A lost worker (node gone, actor restarting) is waited for, the executor restarting
-        or replacing it, without spending attempts: True while the render has waited less than
-        ``cluster.restart_wait_s`` since its last finished frame."""
-        if self.scheduler.stage(live.id).final:
-            return False
-        now = time.monotonic()
-        live.lost_since = live.lost_since or now
-        if now - live.lost_since > self.config.cluster.restart_wait_s:
-            return False
-        self.stats["restarts_waited"] += 1
-        self._event(live.id, {"type": "retry", "error": error, "attempt": live.attempts,
-                              "worker_lost": True})  # fmt: skip
-        return True
-
-    def _retry_or_fail(
-        self,
-        render_id: str,
-        error: str,
-        kind: str,
-        requests: builtins.list[FrameRequest] | None = None,
-        *,
-        prepare: bool = False,
-    ) -> None:
-        """An infra fault is retried up to ``cluster.max_attempts``; an input fault fails now."""
-        live = self._live[render_id]
-        if self.scheduler.stage(render_id).final:
-            return
-        live.attempts += 1
-        self.store.update(render_id, attempts=live.attempts)
-        limit = self.config.cluster.max_attempts
-        if kind == "infra" and live.attempts < limit:
-            log.warning("render %s: %s (attempt %d of %d, retrying)", render_id, error,
-                        live.attempts, limit)  # fmt: skip
-            self._event(render_id, {"type": "retry", "error": error, "attempt": live.attempts})
-            if prepare:
-                self.scheduler.requeue_prepare(render_id)
-            else:
-                self.scheduler.requeue(
-                    [r for r in requests or [] if r in self.scheduler.in_flight()]
-                )
-            return
-        if kind == "infra":
-            error = f"{error} (failed {live.attempts} attempts)"
-        live.error_kind = kind
-        self.scheduler.fail(render_id, error)
-
     def _drain_scheduler(self) -> None:
         for progress in self.scheduler.events():
             self._progress(progress)
@@ -534,28 +452,12 @@ class EngineCore:
 
     def _finish(self, live: LiveRender) -> None:
         """Encode the outputs of a render whose frames are all persisted (finisher thread)."""
-        self._finishing.add(live.id)
         live.rendered_at = time.monotonic()
         self._set_state(live.id, "encoding", frames_done=live.frames, eta_s=0.0)
-        memory = self.executor.memory()
-
-        def run() -> None:
-            try:
-                finalize(live, executor=self.executor.name, memory=memory)
-                self._finished.put((live.id, None))
-            except BaseException as e:
-                self._finished.put((live.id, e))
-            self._doorbell.set()
-
-        self._finisher.submit(run)
+        self._finisher.finish(live, self.executor.name, self.executor.memory())
 
     def _take_finished(self) -> None:
-        while True:
-            try:
-                render_id, error = self._finished.get_nowait()
-            except queue.Empty:
-                return
-            self._finishing.discard(render_id)
+        for render_id, error in self._finisher.take():
             if self.store.get(render_id).final:  # type: ignore[union-attr]
                 self.store.unlock(render_id)  # cancelled while encoding
                 continue

@@ -89,6 +89,19 @@ _COLUMNS = (
 )
 
 
+class ConflictError(ValueError):
+    """A client-chosen id already names a render with a different spec."""
+
+
+class QueueFullError(RuntimeError):
+    """The core holds ``cluster.max_queued`` unfinished renders; try again later."""
+
+
+class UnknownRenderError(KeyError):
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
 class RenderLockedError(RuntimeError):
     """Another engine core holds the render folder."""
 
