@@ -302,6 +302,9 @@ class ClusterConfig(_Base):
     stays bounded whatever the cluster size."""
     writers: int = Field(default=4, ge=1, le=64)
     """The core's writer threads (frames made by workers that cannot reach the backend)."""
+    loaders: int = Field(default=4, ge=1, le=64)
+    """The core's loader threads: renders whose inputs are read (poses decoded, persisted frames
+    found) side by side before they are scheduled."""
 
 
 class StorageConfig(_Base):

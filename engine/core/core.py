@@ -27,6 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from engine.config import RenderConfig
+from engine.core.dispatch import Dispatcher
 from engine.core.executor import (
     BatchDone,
     BatchFailed,
@@ -41,7 +42,7 @@ from engine.core.inputs import snapshot_inputs
 from engine.core.live import LiveRender, save_prepared
 from engine.core.outputs import remove_render
 from engine.core.recovery import Recovery
-from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
+from engine.core.scheduler import ChainScheduler, Progress, Stage
 from engine.core.store import (
     FINAL_STATES,
     STATES,
@@ -53,7 +54,7 @@ from engine.core.store import (
     check_id,
     new_id,
 )
-from engine.core.writes import FrameWriter, advance
+from engine.core.writes import FrameWriter, WritePath
 
 log = logging.getLogger(__name__)
 
@@ -97,36 +98,31 @@ class EngineCore:
         self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
         self._lock = threading.RLock()
         self._live: dict[str, LiveRender] = {}
-        self._inflight: dict[int, builtins.list[FrameRequest]] = {}
-        self._batch_serial = 0
-        self._waiting_since: float | None = None
-        self.stats: dict[str, Any] = {
-            "batch_sizes": [],
-            "batches": [],
-            "retries": 0,
-            "restarts_waited": 0,
-            "max_unwritten": 0,
-            "held_for_writes": 0,
-            "written_by_workers": 0,
-        }
+        counters = ("retries", "restarts_waited", "max_unwritten", "held_for_writes",
+                    "written_by_workers")  # fmt: skip
+        self.stats: dict[str, Any] = {"batch_sizes": [], "batches": []}
+        self.stats.update(dict.fromkeys(counters, 0))
         self._closed = False
         # Rung by the writer, finishers and loader (and the executor's background work) when
         # they hand something over, so an idle step wakes for it instead of sleeping 50 ms.
         self._doorbell = threading.Event()
         executor.doorbell = self._doorbell
-        # Frames are written by a pool of writer threads while the Samplers denoise the next
-        # batches (or by the Samplers themselves on a shared backend); a frame's event (and the
-        # store's frames_done) follows its files, never precedes them, and at most
-        # cluster.max_unwritten_frames finished frames wait for their files (bounded memory).
+        # Frames are written by writer threads (or by the Samplers on a shared backend) and count
+        # only once durable; at most cluster.max_unwritten_frames wait for it (bounded memory).
         self._writer = FrameWriter(c.writers, self._doorbell, self.stats)
-        self._loader = RenderLoader(store, config.model, self._doorbell)
+        self._loader = RenderLoader(store, config.model, self._doorbell, c.loaders)
         self._finisher = RenderFinisher(self._doorbell)
         self._loading, self._finishing = self._loader.loading, self._finisher.finishing
         self._recovery = Recovery(self.scheduler, store, c, self._live, self._event, self.stats)
+        self._dispatch = Dispatcher(self.scheduler, executor, c, self._live, self._loading,
+                                    lambda: self._writer.unwritten, self.stats)  # fmt: skip
+        self._writes = WritePath(self._writer, self.scheduler, store, self._recovery, self._live,
+                                 self._finishing.__contains__, self._event, self._finish,
+                                 self._fail_now)  # fmt: skip
         if resume:
             for record in store.unfinished():
                 log.info("resuming render %s (%s)", record.id, record.state)
-                self._admit(record.id, RenderConfig.model_validate(record.spec))
+                self._loader.admit(record.id, RenderConfig.model_validate(record.spec))
 
     # -- front-end API (any thread) -----------------------------------------------------------
 
@@ -161,7 +157,7 @@ class EngineCore:
                         snapshot_inputs(self.store.files(id), spec)
                         self.store.update(id, error=None, error_kind=None, attempts=0)
                         self._set_state(id, "queued")
-                        self._admit(id, spec)
+                        self._loader.admit(id, spec)
                     return id
             else:
                 id = new_id()
@@ -171,7 +167,7 @@ class EngineCore:
             self.store.create(id, data, priority=priority, owner=owner)
             snapshot_inputs(self.store.files(id), spec)  # the inputs travel with the render
             self._event(id, {"type": "state", "state": "queued"})
-            self._admit(id, spec)
+            self._loader.admit(id, spec)
         return id
 
     def cancel(self, render_id: str) -> RenderRecord:
@@ -196,7 +192,7 @@ class EngineCore:
         while True:
             with self._lock:
                 self._take_loaded()
-                self._take_written()
+                self._writes.take()
                 self._take_finished()
                 busy = (self._live, self._loading, self._finishing)
                 if not any(render_id in b for b in busy) and not self._writer.writing(render_id):
@@ -226,7 +222,8 @@ class EngineCore:
     @property
     def idle(self) -> bool:
         with self._lock:
-            busy = self._loading or self._finishing or self._inflight or self._writer.writing()
+            busy = bool(self._loading or self._finishing or self._dispatch.inflight)
+            busy = busy or self._writer.writing()
             return not busy and not any(not self.scheduler.stage(r).final for r in self._live)
 
     # -- the loop -----------------------------------------------------------------------------
@@ -236,12 +233,13 @@ class EngineCore:
         self._doorbell.clear()  # before taking: a hand-over after this rings again
         with self._lock:
             self._take_loaded()
-            self._take_written()
+            self._writes.take()
             self._take_finished()
-            self._schedule()
+            self._dispatch.dispatch()
             self._drain_scheduler()
-            busy = bool(self._inflight)
-        outcomes = self.executor.poll(0.02 if self._waiting_since else timeout if busy else 0.05)
+            busy = bool(self._dispatch.inflight)
+        waiting = self._dispatch.waiting_since is not None
+        outcomes = self.executor.poll(0.02 if waiting else timeout if busy else 0.05)
         with self._lock:
             for outcome in outcomes:
                 self._update(outcome)
@@ -269,9 +267,6 @@ class EngineCore:
 
     # -- schedule -----------------------------------------------------------------------------
 
-    def _admit(self, render_id: str, config: RenderConfig) -> None:
-        self._loader.admit(render_id, config)
-
     def _take_loaded(self) -> None:
         for render_id, live in self._loader.take():
             record = self.store.get(render_id)
@@ -283,77 +278,25 @@ class EngineCore:
                 self._fail_now(render_id, f"inputs: {describe(live)}", classify(live))
                 continue
             self._live[render_id] = live
-            self.store.update(
-                render_id,
-                fingerprint=live.key,
-                frames_total=live.frames,
-                frames_done=live.start,
-            )
+            self.store.update(render_id, fingerprint=live.key, frames_total=live.frames,
+                              frames_done=live.start)  # fmt: skip
             if live.start == live.frames:  # every frame persisted: only the outputs are missing
                 self._finish(live)
                 continue
             if render_id in self.scheduler.known():  # re-queued after it ended
                 self.scheduler.forget(render_id)
-            self.scheduler.add(
-                render_id,
-                frames_total=live.frames,
-                signature=live.signature,
-                priority=record.priority,
-                frames_done=live.start,
-            )
-
-    def _schedule(self) -> None:
-        for render_id in self.scheduler.next_prepares():
-            self.executor.prepare(self._live[render_id].prepare_job())
-        while self.executor.free_slots() > 0:
-            if self.unwritten >= self.config.cluster.max_unwritten_frames:
-                self.stats["held_for_writes"] += 1  # the writers catch up first (bounded memory)
-                return
-            batch = self.scheduler.next_batch()
-            if not batch:
-                return
-            if self._hold(batch):
-                self.scheduler.requeue(batch)
-                return
-            self._waiting_since = None
-            self._batch_serial += 1
-            self._inflight[self._batch_serial] = batch
-            self.stats["batch_sizes"].append(len(batch))
-            self.stats["batches"].append([(r.render_id, r.index) for r in batch])
-            work = [self._live[r.render_id].work(r.index) for r in batch]
-            self.executor.execute(self._batch_serial, work)
-
-    @property
-    def unwritten(self) -> int:
-        """Finished frames whose files are not durable yet (queued for or in the writers)."""
-        return self._writer.unwritten
-
-    def _hold(self, batch: builtins.list[FrameRequest]) -> bool:
-        """Wait window: hold back a part-full batch while renders are still being loaded or
-        prepared (they would otherwise join one frame later, unbatched, and stay out of step
-        with the full batches), at most ``cluster.batch_wait_s``."""
-        c = self.config.cluster
-        if len(batch) >= c.max_batch or c.batch_wait_s <= 0:
-            return False
-        preparing = bool(self._loading) or any(
-            self.scheduler.stage(r) is Stage.PREPARING for r in self.scheduler.active()
-        )
-        if not preparing:
-            return False
-        now = time.monotonic()
-        if self._waiting_since is None:
-            self._waiting_since = now
-        return now - self._waiting_since < c.batch_wait_s
+            self.scheduler.add(render_id, frames_total=live.frames, signature=live.signature,
+                               priority=record.priority, frames_done=live.start)  # fmt: skip
 
     # -- update -------------------------------------------------------------------------------
 
     def _update(self, outcome: Outcome) -> None:
         if isinstance(outcome, BatchDone | BatchFailed):
-            batch = self._inflight.pop(outcome.batch_id, [])
+            batch = self._dispatch.finished(outcome.batch_id)
             if isinstance(outcome, BatchFailed):
                 self._recovery.batch_failed(batch, outcome)
             else:
-                self._batch_done(batch, outcome)
+                self._writes.accept(batch, outcome)
             return
         live = self._live.get(outcome.render_id)
         if live is None or self.scheduler.stage(live.id) is not Stage.PREPARING:
@@ -379,56 +322,6 @@ class EngineCore:
             live.lost_since = None
             self.scheduler.prepared(live.id)
 
-    def _batch_done(self, batch: builtins.list[FrameRequest], done: BatchDone) -> None:
-        live_peak = done.peak_rss_mb
-        per_frame = done.seconds
-        for outcome in done.outcomes:
-            live = self._live.get(outcome.render_id)
-            if live is None or self.scheduler.stage(live.id) is not Stage.RENDERING:
-                continue
-            live.peak_rss_mb = max(live.peak_rss_mb, live_peak)
-            if outcome.error is not None:
-                request = FrameRequest(outcome.render_id, outcome.index)
-                self._recovery.retry_or_fail(
-                    live.id, outcome.error, outcome.kind or "infra", [request]
-                )
-                continue
-            live.keep_latent(outcome)
-            self._writer.submit(live, outcome)
-            live.attempts = 0
-            live.lost_since = None
-            self.scheduler.frame_done(live.id, outcome.index, seconds=per_frame)
-
-    def _take_written(self) -> None:
-        """Frames whose files landed: record them, emit their events (in frame order), finish
-        complete renders."""
-        for render_id, index, error in self._writer.take():
-            live = self._live.get(render_id)
-            if live is None:  # ended meanwhile: release its folder once nothing writes there
-                if not self._writer.writing(render_id) and render_id not in self._finishing:
-                    self.store.unlock(render_id)
-                continue
-            if error is not None:
-                self._lost_frame(live, index, error)
-                continue
-            total = live.frames
-            for frame in advance(live, index):
-                fields = {"frames_done": frame + 1, "eta_s": live.eta_s}
-                self.store.update(render_id, **fields)
-                self._event(render_id, {"type": "frame", "frame": frame, **fields,
-                                        "frames_total": total})  # fmt: skip
-            if live.durable_upto == total and self.scheduler.stage(render_id) is Stage.DONE:
-                self._finish(live)
-
-    def _lost_frame(self, live: LiveRender, index: int, error: BaseException) -> None:
-        """A frame's files could not be written (disk full, …): the render fails with why."""
-        reason = f"saving frame {index}: {describe(error)}"
-        live.error_kind = classify(error)
-        if self.scheduler.stage(live.id) is Stage.DONE:
-            self._fail_now(live.id, reason, live.error_kind)
-        else:
-            self.scheduler.fail(live.id, reason)
-
     def _drain_scheduler(self) -> None:
         for progress in self.scheduler.events():
             self._progress(progress)
@@ -439,7 +332,7 @@ class EngineCore:
         if live is not None:
             live.eta_s = p.eta_s
         if p.stage in (Stage.RENDERING, Stage.DONE) and p.frames_done > (live.start if live else 0):
-            return  # a frame: recorded when its files land (_take_written), DONE after the last
+            return  # a frame: recorded when its files land (WritePath.take), DONE after the last
         self._set_state(p.render_id, state, frames_done=p.frames_done, eta_s=p.eta_s)
         if p.stage is Stage.DONE and live is not None:  # every frame was already persisted
             self._finish(live)
