@@ -195,10 +195,9 @@ class SharedFolder(LocalStorage):
 class FramePathCore(EngineCore):
     """The engine core without the finisher's video encoding (outside the frame path)."""
 
-    def _finish(self, live: Any) -> None:
-        self._finishing.add(live.id)
-        self._finished.put((live.id, None))
-        self._doorbell.set()
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._finisher.outputs = lambda live, **_: None
 
 
 def run_one(gpus: int, side: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -213,7 +212,8 @@ def run_one(gpus: int, side: int, args: argparse.Namespace) -> dict[str, Any]:
                      f"height={side}", f"cluster.max_batch={batch}",
                      "cluster.max_preparing=1024", "cluster.max_queued=100000",
                      f"cluster.max_unwritten_frames={args.max_unwritten}",
-                     f"cluster.writers={args.writers}", "output.contact_sheet=false",
+                     f"cluster.writers={args.writers}", f"cluster.loaders={args.loaders}",
+                     "output.contact_sheet=false",
                      f"cache_dir={root / 'cache'}"]  # fmt: skip
         config = load_config(None, overrides=overrides)
         storage = (
@@ -325,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--max-unwritten", type=int, default=256)
     p.add_argument("--writers", type=int, default=8)
+    p.add_argument("--loaders", type=int, default=4, help="the core's loader threads")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument(
         "--tmp",
@@ -364,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
 def _passthrough(args: argparse.Namespace) -> list[str]:
     out = ["--batch", str(args.batch), "--frames", str(args.frames), "--frame-s",
            str(args.frame_s), "--write", args.write, "--max-unwritten", str(args.max_unwritten),
-           "--writers", str(args.writers), "--timeout", str(args.timeout)]  # fmt: skip
+           "--writers", str(args.writers), "--loaders", str(args.loaders),
+           "--timeout", str(args.timeout)]  # fmt: skip
     return [*out, "--tmp", str(args.tmp)] if args.tmp else out
 
 

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from engine.caches import SharedCache, poses_key
 from engine.config import ConfigError, RenderConfig
 from engine.pose import PoseSequence, load_poses, resample, validate
 from engine.pose.isolated import is_visual, load_poses_isolated
@@ -30,9 +33,11 @@ def cache_root(config: RenderConfig) -> Path:
     return Path(config.cache_dir or default).expanduser()
 
 
-def refine_prompt(config: RenderConfig) -> RefinedPrompt:
-    """The spec's prompt refined by the configured backend (cached under the cache root)."""
-    cache = config.refine.cache_dir or cache_root(config) / "refine"
+def refine_prompt(config: RenderConfig, node_cache: bool = True) -> RefinedPrompt:
+    """The spec's prompt refined by the configured backend, cached in ``refine.cache_dir`` if
+    set, else (``node_cache``) under this node's cache root. The engine core's renders pass
+    False: it caches refinements in the storage backend (:mod:`engine.caches`)."""
+    cache = config.refine.cache_dir or (cache_root(config) / "refine" if node_cache else None)
     try:
         return refine(
             config.prompt,
@@ -57,17 +62,52 @@ def load_plate(path: Path, width: int, height: int) -> np.ndarray:
 
 
 def prepare_poses(
-    config: RenderConfig, cancelled: Callable[[], bool] | None = None
+    config: RenderConfig,
+    cancelled: Callable[[], bool] | None = None,
+    cache: SharedCache | None = None,
 ) -> PoseSequence:
     """Load, resample to the render's fps and size, and validate the spec's pose sequence.
 
     A visual input is decoded in a bounded child process (``limits.decode_*``), stopped early
-    when ``cancelled()`` turns True."""
+    when ``cancelled()`` turns True. With a ``cache`` (the storage backend's, see
+    :mod:`engine.caches`) the poses read from a visual input are cached there, not under the
+    node's cache root; ``info["shared_cache"]`` records the key and whether it was a hit."""
     if config.poses is None:
         raise ConfigError("the render spec has no 'poses': add poses: path/to/poses.json")
+    if cache is not None and is_visual(config.poses):
+        seq = _cached_poses(config, cancelled, cache)
+    else:
+        seq = _read_poses(config, cancelled, cache_root(config))
+    seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
+    validate(seq, max_frames=config.limits.max_frames)
+    return seq
+
+
+def _cached_poses(
+    config: RenderConfig, cancelled: Callable[[], bool] | None, cache: SharedCache
+) -> PoseSequence:
+    """The poses of a visual input from the shared cache, else read (and stored there)."""
+    assert config.poses is not None
+    key = poses_key(config, Path(config.poses))
+    seq = cache.poses(key)
+    record: dict[str, Any] = {"key": key, "hit": seq is not None}
+    if seq is None:  # read once; the extraction's own per-node cache goes to a scratch folder
+        with tempfile.TemporaryDirectory(prefix="avatar-poses-") as scratch:
+            seq = _read_poses(config, cancelled, Path(scratch))
+        error = cache.put_poses(key, seq)
+        record.update(stored=error is None, **({"error": error} if error else {}))
+    info = {**(seq.info or {}), "shared_cache": record}
+    return PoseSequence(seq.keypoints, seq.fps, seq.width, seq.height, str(config.poses), info)
+
+
+def _read_poses(
+    config: RenderConfig, cancelled: Callable[[], bool] | None, cache_dir: Path
+) -> PoseSequence:
+    """The spec's poses as read from its input (RGB extraction cached under ``cache_dir``)."""
+    assert config.poses is not None
     lim = config.limits
     if lim.decode_isolated and is_visual(config.poses):
-        seq = load_poses_isolated(
+        return load_poses_isolated(
             Path(config.poses),
             memory_mb=lim.decode_memory_mb,
             timeout_s=lim.decode_timeout_s,
@@ -75,16 +115,12 @@ def prepare_poses(
             max_frames=lim.max_frames,
             kind=config.pose_kind,
             extraction=config.pose_extraction.model_dump(mode="json"),
-            cache_dir=str(cache_root(config)),
+            cache_dir=str(cache_dir),
         )
-    else:
-        seq = load_poses(
-            config.poses,
-            max_frames=lim.max_frames,
-            kind=config.pose_kind,
-            extraction=config.pose_extraction,
-            cache_dir=cache_root(config),
-        )
-    seq = resample(seq, fps=config.fps or seq.fps, width=config.width, height=config.height)
-    validate(seq, max_frames=config.limits.max_frames)
-    return seq
+    return load_poses(
+        config.poses,
+        max_frames=lim.max_frames,
+        kind=config.pose_kind,
+        extraction=config.pose_extraction,
+        cache_dir=cache_dir,
+    )

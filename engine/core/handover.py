@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -89,6 +89,9 @@ class RenderFinisher:
 
     def __init__(self, doorbell: threading.Event):
         self._doorbell = doorbell
+        self.outputs: Callable[..., None] = finalize
+        """Writes a render's outputs (:func:`~engine.core.live.finalize`; the scale benchmark
+        measures the frame path without them)."""
         self._pool = ThreadPoolExecutor(2, thread_name_prefix="finish")
         self._done: queue.Queue[Finished] = queue.Queue()
         self.finishing: set[str] = set()
@@ -99,7 +102,7 @@ class RenderFinisher:
 
         def run() -> None:
             try:
-                finalize(live, executor=executor, memory=memory)
+                self.outputs(live, executor=executor, memory=memory)
                 self._done.put((live.id, None))
             except BaseException as e:
                 self._done.put((live.id, e))

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.caches import SharedCache, refine_key
 from engine.config import ModelConfig, RenderConfig
 from engine.core.encode import decode_png, png_bytes, write_frame
 from engine.core.executor import Prepared, PrepareJob
@@ -162,8 +163,9 @@ def load_render(
     start_time = time.perf_counter()
     store.lock(render_id)
     out = store.files(render_id)
+    cache = SharedCache(out)
     with local_inputs(out, config) as local:  # the render folder's copy of the input files
-        poses = prepare_poses(local, cancelled)
+        poses = prepare_poses(local, cancelled, cache)
         name = model_name(model)
         hashes = input_hashes(local, poses, name)
         plate, masks = _read_plate_and_masks(local)
@@ -175,6 +177,10 @@ def load_render(
     if start:
         _reuse_prepared(live)
         live.latents = {i: load_latent(out, i) for i in {0, start - 1}}
+    if live.refined is None:  # refined once per prompt, by any node (engine.caches)
+        key = refine_key(config)
+        live.refined = cache.refined(key)
+        live.stages["refine_cache"] = {"key": key, "hit": live.refined is not None}
     live.timings["poses"] = time.perf_counter() - start_time
     return live
 
@@ -251,6 +257,8 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         "refined_prompt": _digest(json.dumps(refined, sort_keys=True).encode()),
         "stages": {"refined_prompt": "refined_prompt.json"},
     }
+    if "refine_cache" in live.stages:
+        record["stages"]["refine_cache"] = _share_refined(live, refined)
     if done.adapter is not None:
         adapter = done.adapter
         if not out.keys("adapter"):
@@ -287,6 +295,23 @@ def save_prepared(live: LiveRender, done: Prepared) -> SessionSpec:
         live.adapter,
         masks=live.masks,
     )
+
+
+def _share_refined(live: LiveRender, refined: dict[str, Any]) -> dict[str, Any]:
+    """Store a fresh refinement in the shared cache (a template fallback of another backend is
+    not stored: the backend is asked again next time) → the manifest's ``refine_cache``."""
+    entry = dict(live.stages["refine_cache"])
+    if entry["hit"] or "stored" in entry:
+        return entry
+    if refined.get("source") != live.config.refine.backend:
+        entry["stored"] = False
+        entry["error"] = f"a {refined.get('source')} fallback is not cached"
+        return entry
+    error = SharedCache(live.out).put_refined(entry["key"], refined)
+    entry["stored"] = error is None
+    if error:
+        entry["error"] = error
+    return entry
 
 
 def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None:

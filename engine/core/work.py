@@ -135,10 +135,11 @@ def peak_rss_mb() -> float:
 
 
 def refine_stage(config: RenderConfig) -> dict[str, Any]:
-    """The refined prompt (JSON) of a render (cached by the refine backend)."""
+    """The refined prompt (JSON) of a render; the core caches it in the storage backend
+    (:mod:`engine.caches`), so no node keeps a cache of its own (unless ``refine.cache_dir``)."""
     from engine.method import refine_prompt
 
-    return refine_prompt(config).model_dump(mode="json")
+    return refine_prompt(config, node_cache=False).model_dump(mode="json")
 
 
 def appearance_stage(
