@@ -62,8 +62,9 @@ class ModelConfig(_Base):
     component without that variant's files loads its plain ones, as diffusers pipelines do.
     None = the plain files (``.safetensors``, else ``.bin``)."""
     sam_checkpoint: str | None = None
-    """sd15: Meta's segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth), or a SAM in the
-    transformers layout (a folder or hub id such as facebook/sam-vit-huge)."""
+    """sd15: Meta's segment-anything checkpoint (e.g. sam_vit_h_4b8939.pth) as a path or a URI
+    (s3://…, gs://…, any fsspec protocol, https://…: fetched once per node, engine/models/remote.py),
+    or a SAM in the transformers layout (a folder or hub id such as facebook/sam-vit-huge)."""
     sam_type: Literal["vit_b", "vit_l", "vit_h"] = "vit_h"
     """sd15: SAM variant matching ``sam_checkpoint``."""
     clip: str = "openai/clip-vit-large-patch14"
@@ -522,6 +523,8 @@ def resolve_weight_paths(data: dict[str, Any], folder: Path) -> None:
         for key in keys:
             value = node.get(key)
             if not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+                continue
+            if "://" in value:  # a URI (s3://…, https://…): fetched, not a path
                 continue
             first = Path(value).parts[0]
             local = looks_local(value) or (folder / value).exists() or (folder / first).is_dir()

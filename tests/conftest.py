@@ -13,6 +13,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never touch the network
 os.environ["AVATAR_CACHE_DIR"] = tempfile.mkdtemp(prefix="avatar-test-cache-")
 
 
+@pytest.fixture(scope="module")
+def s3():
+    """A real S3-API server (moto) on 127.0.0.1 with a bucket ``renders``; its endpoint URL."""
+    from tests.s3_helpers import make_bucket, s3_server
+
+    with s3_server() as endpoint:
+        make_bucket(endpoint, "renders")
+        yield endpoint
+
+
 @pytest.fixture(scope="session")
 def tiny_components():
     from engine.config import ModelConfig

@@ -1,6 +1,8 @@
-"""The real Serve app (ingress + engine deployment with the Ray executor) on a local Ray instance
-bound to 127.0.0.1: submit over HTTP, download the video; kill the engine replica mid-render and
-the render still finishes (the restarted replica's core resumes it from the store)."""
+"""The real Serve app (2 ingress replicas + the engine deployment with the Ray executor) on a local
+Ray instance bound to 127.0.0.1: submit over HTTP, download the video; both ingress replicas
+answer, and a render submitted through one downloads (whole and by range) through the other;
+kill the engine replica mid-render and the render still finishes (the restarted replica's core
+resumes it from the store)."""
 
 from __future__ import annotations
 
@@ -41,6 +43,7 @@ def app_url(tmp_path_factory):
         tokens=[{"name": "alice", "token": TOKENS["alice"]}],
         set=[*ENGINE, f"cache_dir={root / 'cache'}"],
         poll_s=0.2,
+        ingress={"replicas": 2},
     )
     url = start(args, ready_timeout_s=240, num_cpus=2)
     yield url, root
@@ -72,6 +75,35 @@ def test_submit_over_http_and_download(app_url, tmp_path: Path):
         (tmp_path / "v.mp4").write_bytes(video.content)
         assert probe_video(tmp_path / "v.mp4")["frames"] == 3
         assert client.get("/v1/renders", headers={}).status_code == 401
+
+
+def test_two_ingress_replicas_serve_any_render(app_url):
+    """Serve spreads requests over both ingress replicas (each names itself in X-Avatar-Replica);
+    the render submitted through one is downloaded through the other, by range too, and the
+    bytes agree (downloads stream from the storage backend, not from a replica's disk)."""
+    url, _ = app_url
+    with httpx.Client(base_url=url, timeout=30) as client:
+        r = client.post("/v1/renders", json=body(seed=5), headers=auth("alice"))
+        assert r.status_code == 202, r.text
+        submitted_via = r.headers["x-avatar-replica"]
+        view = wait_state(client, r.json()["id"], {"done", "failed"}, timeout_s=180)
+        assert view["state"] == "done", view
+        video = f"/v1/renders/{view['id']}/video"
+        whole: dict[str, bytes] = {}
+        ranged: dict[str, bytes] = {}
+        for _ in range(80):  # the proxy picks a replica per request
+            full = client.get(video, headers=auth("alice"))
+            part = client.get(video, headers={**auth("alice"), "Range": "bytes=100-299"})
+            assert full.status_code == 200 and part.status_code == 206, (full, part)
+            whole.setdefault(full.headers["x-avatar-replica"], full.content)
+            ranged.setdefault(part.headers["x-avatar-replica"], part.content)
+            if len(whole) == 2 and len(ranged) == 2:
+                break
+        assert len(whole) == 2 and len(ranged) == 2, (whole.keys(), ranged.keys())
+        assert submitted_via in whole  # and the other replica served it as well
+        a, b = whole.values()
+        assert a == b and len(a) > 300
+        assert all(p == a[100:300] for p in ranged.values())
 
 
 def engine_replica() -> Any:

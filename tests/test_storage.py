@@ -25,16 +25,8 @@ from engine.core.encode import decode_png
 from engine.pose import save_poses_json, synthetic_dance
 from engine.storage import LocalStorage, Storage, open_storage
 from engine.video import probe_video
-from tests.s3_helpers import make_bucket, s3_server
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    with s3_server() as endpoint:
-        make_bucket(endpoint, "renders")
-        yield endpoint
 
 
 @pytest.fixture(scope="module")

@@ -86,8 +86,8 @@ class LimitConfig(_Base):
 class IngressConfig(_Base):
     """The HTTP ingress deployment (Ray Serve options)."""
 
-    replicas: int = Field(default=1, ge=1, le=64)
-    """Ingress replicas (CPU only; stateless)."""
+    replicas: int = Field(default=2, ge=1, le=64)
+    """Ingress replicas (CPU only; stateless: any replica serves any render, on any node)."""
     max_ongoing_requests: int = Field(default=64, ge=1, le=10_000)
     """Requests one replica works on at once (SSE streams count)."""
     max_queued_requests: int = Field(default=128, ge=-1, le=100_000)

@@ -5,8 +5,9 @@
 
 The engine replica owns the store under ``args.storage``; restarted (killed, redeployed, the
 whole app shut down and run again) it builds a new core on the same store, which resumes every
-unfinished render from its last persisted frame. The ingress reads finished files from the same
-storage root (a shared path on a multi-node cluster).
+unfinished render from its last persisted frame. The ingress replicas (``ingress.replicas``,
+default 2, on any node) are stateless: downloads stream from the storage backend, so any replica
+serves any render; each response names its replica (``X-Avatar-Replica``).
 """
 
 from __future__ import annotations
@@ -81,6 +82,29 @@ class Engine:
             service.close()
 
 
+class NameReplica:
+    """ASGI middleware: every HTTP response names the ingress replica that answered it
+    (``X-Avatar-Replica``), so a client or a test sees which of the N replicas served it."""
+
+    HEADER = b"x-avatar-replica"
+
+    def __init__(self, app: Any, replica: str):
+        self.app, self.replica = app, replica.encode()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def named(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), (self.HEADER, self.replica)]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, named)
+
+
 class _EngineMethods:
     """Adapts a handle of :class:`Engine` to :class:`HandleBackend` (``handle.call``)."""
 
@@ -109,6 +133,8 @@ class Ingress:
         parsed = ServeArgs.model_validate(args)
         backend = HandleBackend(_EngineMethods(engine), parsed.retry_after_s)
         self._app = make_api(backend, parsed)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._app.add_middleware(NameReplica, replica=replica)
 
     def __serve_build_asgi_app__(self) -> Any:
         return self._app

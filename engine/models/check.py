@@ -196,15 +196,29 @@ def _check_sam(config: ModelConfig) -> Line:
             "not set but background.mask_source=sam needs it; fix: set model.sam_checkpoint to "
             "sam_vit_h_4b8939.pth (or vit_b/vit_l with model.sam_type), or background.mask_source=pose",
         )
-    path = Path(config.sam_checkpoint).expanduser()
-    if not path.is_file():
-        return _check_hf_sam(config)
+    from engine.models.remote import fetch, is_uri
+
+    where = ""
+    if is_uri(config.sam_checkpoint):
+        try:
+            got = fetch(config.sam_checkpoint, "model.sam_checkpoint")
+        except WeightsNotFoundError as e:
+            return Line("model.sam_checkpoint", False, str(e))
+        path = got.path
+        how = "fetched to" if got.downloaded else "in this node's cache at"
+        where = f" ({config.sam_checkpoint}, {got.version}, {how} {path})"
+    else:
+        path = Path(config.sam_checkpoint).expanduser()
+        if not path.is_file():
+            return _check_hf_sam(config)
     tensors = read_tensors(path)
     proj = tensors.shape("image_encoder.patch_embed.proj.weight")
     found = _SAM_WIDTH.get(proj[0]) if proj else None
     if found is None:
         return Line(
-            "model.sam_checkpoint", False, f"{path.name} is not a segment-anything checkpoint"
+            "model.sam_checkpoint",
+            False,
+            f"{path.name} is not a segment-anything checkpoint{where}",
         )
     if found != config.sam_type:
         return Line(
@@ -214,7 +228,9 @@ def _check_sam(config: ModelConfig) -> Line:
             f"model.sam_type={found}",
         )
     return Line(
-        "model.sam_checkpoint", True, f"SAM {found}, {tensors.dtypes()}, {_gb(tensors.size)}"
+        "model.sam_checkpoint",
+        True,
+        f"SAM {found}, {tensors.dtypes()}, {_gb(tensors.size)}{where}",
     )
 
 

@@ -155,7 +155,10 @@ def _load_configured(config: ModelConfig) -> Sam:
             f"model.preset=sd15: download {url} and set model.sam_checkpoint to its path, or set "
             "background.mask_source=pose."
         )
-    return load_sam(config.sam_type, config.sam_checkpoint, resolve_device(config.device))
+    from engine.models.remote import local_weights
+
+    checkpoint = local_weights(config.sam_checkpoint, "model.sam_checkpoint")  # a URI: fetched
+    return load_sam(config.sam_type, checkpoint, resolve_device(config.device))
 
 
 SAM_REGISTRY: dict[str, Callable[[ModelConfig], Sam]] = {
@@ -190,10 +193,11 @@ def _hf_folder(config: ModelConfig) -> Path | None:
     if config.preset != "sd15" or config.sam_checkpoint is None:
         return None
     from engine.models.real import local_source
+    from engine.models.remote import is_uri
     from engine.models.sam_hf import is_hf_sam
 
-    if Path(config.sam_checkpoint).expanduser().is_file():
-        return None
+    if is_uri(config.sam_checkpoint) or Path(config.sam_checkpoint).expanduser().is_file():
+        return None  # Meta's checkpoint file (a URI names one file)
     source = local_source(config, "sam_checkpoint", "SAM (transformers layout)")
     folder = Path(source.location)
     if source.kind != "folder" or not is_hf_sam(folder):
