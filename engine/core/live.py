@@ -307,7 +307,11 @@ def _share_refined(live: LiveRender, refined: dict[str, Any]) -> dict[str, Any]:
         entry["stored"] = False
         entry["error"] = f"a {refined.get('source')} fallback is not cached"
         return entry
-    error = SharedCache(live.out).put_refined(entry["key"], refined)
+    cache = SharedCache(live.out)
+    if cache.refined(entry["key"]) == refined:  # renders of one prompt loaded together: once
+        entry["stored"] = True
+        return entry
+    error = cache.put_refined(entry["key"], refined)
     entry["stored"] = error is None
     if error:
         entry["error"] = error
