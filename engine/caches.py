@@ -64,14 +64,15 @@ def poses_key(config: RenderConfig, path: Path) -> str:
 
 
 class SharedCache:
-    """The caches under ``cache/`` of a storage backend.
+    """Content-addressed cache entries under a folder of a storage backend.
 
     Args:
-        storage: Any view of the backend (its root is used).
+        storage: The cache folder (``cache/`` of the engine's backend, :attr:`RenderStore.caches`;
+            a node's own cache root for a single-render run).
     """
 
     def __init__(self, storage: Storage):
-        self.storage = storage.root_view().sub("cache")
+        self.storage = storage
 
     # -- refined prompts ----------------------------------------------------------------------
 

@@ -87,7 +87,7 @@ def test_a_corrupt_entry_is_recomputed_not_trusted(tmp_path: Path, spec, chain, 
     shared = LocalStorage(tmp_path / "bucket")
     clean = render_on_node(tmp_path / "node-a", shared, spec, chain, monkeypatch)
     pose_key, prompt_key = poses_key(spec, Path(spec.poses)), refine_key(spec)
-    cache = SharedCache(shared)
+    cache = SharedCache(shared.sub("cache"))
     good_refined = cache.refined(prompt_key)
     assert good_refined is not None and cache.poses(pose_key) is not None
     # valid JSON of the wrong shape, and an npz cut in half

@@ -41,10 +41,10 @@ from engine.core.outputs import (
 )
 from engine.core.store import RenderStore
 from engine.core.work import AdapterPayload, FrameOutcome, FrameWork, SessionSpec
-from engine.method import prepare_poses
+from engine.method import cache_root, prepare_poses
 from engine.pose import PoseSequence
 from engine.session import SuppliedMasks
-from engine.storage import Storage
+from engine.storage import LocalStorage, Storage
 
 
 @dataclass
@@ -85,6 +85,8 @@ class LiveRender:
     written)."""
     durable_upto: int = -1
     """Frames 0 .. durable_upto-1 are durable and counted (set to ``start`` when loaded)."""
+    cache: SharedCache | None = None
+    """Where its refined prompt is cached (the backend's ``cache/``, :mod:`engine.caches`)."""
 
     def __post_init__(self) -> None:
         if self.durable_upto < 0:
@@ -163,9 +165,9 @@ def load_render(
     start_time = time.perf_counter()
     store.lock(render_id)
     out = store.files(render_id)
-    cache = SharedCache(out)
+    shared = SharedCache(store.caches) if store.caches is not None else None
     with local_inputs(out, config) as local:  # the render folder's copy of the input files
-        poses = prepare_poses(local, cancelled, cache)
+        poses = prepare_poses(local, cancelled, shared)
         name = model_name(model)
         hashes = input_hashes(local, poses, name)
         plate, masks = _read_plate_and_masks(local)
@@ -178,8 +180,9 @@ def load_render(
         _reuse_prepared(live)
         live.latents = {i: load_latent(out, i) for i in {0, start - 1}}
     if live.refined is None:  # refined once per prompt, by any node (engine.caches)
+        live.cache = shared or SharedCache(LocalStorage(cache_root(config)))  # single: this node's
         key = refine_key(config)
-        live.refined = cache.refined(key)
+        live.refined = live.cache.refined(key)
         live.stages["refine_cache"] = {"key": key, "hit": live.refined is not None}
     live.timings["poses"] = time.perf_counter() - start_time
     return live
@@ -307,7 +310,8 @@ def _share_refined(live: LiveRender, refined: dict[str, Any]) -> dict[str, Any]:
         entry["stored"] = False
         entry["error"] = f"a {refined.get('source')} fallback is not cached"
         return entry
-    cache = SharedCache(live.out)
+    cache = live.cache
+    assert cache is not None  # set with the refine_cache entry
     if cache.refined(entry["key"]) == refined:  # renders of one prompt loaded together: once
         entry["stored"] = True
         return entry

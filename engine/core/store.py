@@ -193,6 +193,12 @@ class RenderStore:
         check_id(render_id)
         return self.storage if self._single is not None else self.storage.sub(render_id)
 
+    @property
+    def caches(self) -> Storage | None:
+        """Where the content-addressed caches live (``cache/`` of the backend, see
+        :mod:`engine.caches`); None in single-render mode (the folder is the render's own)."""
+        return None if self._single is not None else self.storage.sub("cache")
+
     def folder(self, render_id: str) -> Path:
         """The render's artefact folder on this machine's disk.
 
