@@ -292,3 +292,34 @@ def test_resume_reuses_the_refined_prompt_and_refuses_changed_inputs(tmp_path: P
         core.close()
     assert record.state == "failed" and record.error_kind == "input"
     assert "plate_file" in record.error and "changed" in record.error, record.error
+
+
+@pytest.mark.parametrize("loaders", [1, 3])
+def test_loader_threads_read_renders_side_by_side(tmp_path: Path, chain, monkeypatch, loaders):
+    """``cluster.loaders`` renders have their inputs read at once (the ramp of a big batch)."""
+    import threading
+
+    import engine.core.handover as handover
+
+    active, peak, guard = 0, 0, threading.Lock()
+    real = handover.load_render
+
+    def slow_load(*args, **kwargs):
+        nonlocal active, peak
+        with guard:
+            active += 1
+            peak = max(peak, active)
+        time.sleep(0.3)  # a slow input read (object store, bounded decode child)
+        with guard:
+            active -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(handover, "load_render", slow_load)
+    config = spec(tmp_path, f"cluster.loaders={loaders}")
+    core = core_at(tmp_path / "root", config, chain)
+    try:
+        for i in range(3):
+            core.submit(config, id=f"r{i}")
+    finally:
+        core.close()  # waits for the loads
+    assert peak == loaders
