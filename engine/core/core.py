@@ -24,6 +24,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from engine.config import RenderConfig
@@ -42,6 +43,7 @@ from engine.core.live import LiveRender, save_prepared
 from engine.core.outputs import remove_render
 from engine.core.recovery import Recovery
 from engine.core.scheduler import ChainScheduler, FrameRequest, Progress, Stage
+from engine.core.sizing import initial_max_preparing, queue_backlog
 from engine.core.store import (
     FINAL_STATES,
     STATES,
@@ -94,7 +96,9 @@ class EngineCore:
         self.store = store
         self.executor = executor
         self.on_event = on_event
-        self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
+        self.scheduler = ChainScheduler(
+            max_batch=c.max_batch, max_preparing=initial_max_preparing(c)
+        )
         self._lock = threading.RLock()
         self._live: dict[str, LiveRender] = {}
         self._inflight: dict[int, builtins.list[FrameRequest]] = {}
@@ -303,6 +307,8 @@ class EngineCore:
             )
 
     def _schedule(self) -> None:
+        limit = self.executor.resize(partial(queue_backlog, self.scheduler))  # elastic pools
+        self.scheduler.max_preparing = limit or self.scheduler.max_preparing
         for render_id in self.scheduler.next_prepares():
             self.executor.prepare(self._live[render_id].prepare_job())
         while self.executor.free_slots() > 0:
