@@ -302,8 +302,9 @@ class ClusterConfig(_Base):
     """When fewer than max_batch frames are ready while characters are still being prepared,
     wait up to this long for them to join the batch (0 = never wait)."""
     max_preparing: Count = 2
-    """Most characters in the prepare stages (refine/LoRA/plate) at once; ``auto``: as many as
-    the prepare pools have trainers + background workers (re-planned as they resize)."""
+    """Most characters in the prepare stages (refine/LoRA/plate) at once; ``auto``: twice the
+    prepare pools' trainers + background workers (one render in work and one waiting for each;
+    re-planned as they resize)."""
     deterministic_batches: bool = True
     """Pad batches as ``batch_padding`` says (False = never pad)."""
     batch_padding: Literal["none", "bucket", "max"] = "bucket"

@@ -40,7 +40,7 @@ def test_fresh_queue_gives_the_gpus_to_preparation_in_proportion_to_stage_time()
     assert gpus_of(n, c) == 64  # every GPU has a use
     # 60 s of training : 15 s of plate -> 4 : 1 of the 63 left (max_prepare_workers 64)
     assert n["trainers"] == 51 and n["backgrounds"] == 12
-    assert plan.max_preparing == 63  # one render per prepare worker
+    assert plan.max_preparing == 126  # one in work + one waiting per prepare worker
     assert n["refiners"] == 4
     # the queue wants 1 + 64 GPUs; the cluster has 64
     assert plan.wanted_gpus == 65 and len(plan.bundles) == 65
@@ -56,7 +56,7 @@ def test_ready_renders_take_samplers_first_and_preparation_keeps_a_share():
     # without any render left to prepare every GPU samples (one Sampler per GPU)
     plan = plan_pools(Backlog(rendering=480), Resources(gpus=64), c)
     assert plan.counts == {"samplers": 64, "trainers": 0, "backgrounds": 0, "refiners": 1}
-    assert plan.max_preparing == 1
+    assert plan.max_preparing == 1  # nothing to prepare
 
 
 def test_samplers_are_capped_and_measured_stage_times_move_the_split():
@@ -87,7 +87,7 @@ def test_fixed_counts_are_kept():
     assert initial_max_preparing(c) == 5
     assert initial_max_preparing(auto()) == 2
     assert initial_max_preparing(ClusterConfig(trainers=3, backgrounds=2,
-                                               max_preparing="auto")) == 5  # fmt: skip
+                                               max_preparing="auto")) == 10  # fmt: skip
 
 
 def test_queue_backlog_counts_the_scheduler_stages():

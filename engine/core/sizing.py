@@ -11,7 +11,8 @@ stages and ``rendering`` in their frame chains, on a cluster of ``G`` GPUs:
 1. Samplers for the frames that are ready: ``ceil(rendering / max_batch)`` (one full batch of
    different characters each), within ``[min_samplers, max_samplers]``.
 2. Prepare pools for the renders still to prepare: trainers and background workers split
-   ``max_prepare_workers`` in proportion to their stage times (LoRA training is the long one).
+   ``max_prepare_workers`` in proportion to the work left to each (renders still to train ×
+   training time : renders still to plate × plate time; LoRA training is the long stage).
 3. What fits: the Samplers first (a prepared render waiting for a Sampler holds memory and
    earns nothing) but never every GPU while renders wait to prepare (one trainer and one
    background worker keep their share); the prepare pools split what the Samplers leave; GPUs
@@ -51,10 +52,17 @@ class Backlog:
     """In the prepare stages (refine → LoRA → plate)."""
     rendering: int = 0
     """In their frame chains (each has at most one frame in flight)."""
+    training: int | None = None
+    """Of ``preparing``, those whose LoRA is not trained yet (None: unknown, all of them); the
+    executor knows it, the scheduler does not."""
 
     @property
     def to_prepare(self) -> int:
         return self.queued + self.preparing
+
+    @property
+    def to_train(self) -> int:
+        return self.queued + (self.preparing if self.training is None else self.training)
 
     @property
     def total(self) -> int:
@@ -98,11 +106,11 @@ def shares(c: ClusterConfig) -> dict[str, float]:
 
 
 def initial_max_preparing(c: ClusterConfig) -> int:
-    """``max_preparing`` before any plan: the number, or (auto) one per prepare worker."""
+    """``max_preparing`` before any plan: the number, or (auto) two per prepare worker."""
     if c.max_preparing != "auto":
         return c.max_preparing
     fixed = [n for n in (c.trainers, c.backgrounds) if n != "auto"]
-    return max(2, sum(fixed))
+    return max(2, 2 * sum(fixed))
 
 
 def _fit(gpus: float, share: float, want: int) -> int:
@@ -132,8 +140,9 @@ def plan_pools(
     # 1-2. what the queue asks for
     want = {"samplers": min(max(math.ceil(backlog.rendering / c.max_batch), c.min_samplers),
                             c.max_samplers)}  # fmt: skip
-    train = times["training"] / max(times["training"] + times["background"], 1e-9)
-    want["trainers"] = min(prep, max(1, round(c.max_prepare_workers * train)))
+    work = (backlog.to_train * times["training"], prep * times["background"])
+    train = work[0] / sum(work) if sum(work) > 0 else 0.5
+    want["trainers"] = min(backlog.to_train, max(1, round(c.max_prepare_workers * train)))
     want["backgrounds"] = min(prep, max(1, c.max_prepare_workers - want["trainers"]))
     want["refiners"] = min(4, math.ceil(prep / 32)) if prep else 1
     want.update(fixed)
@@ -166,8 +175,9 @@ def plan_pools(
     wanted = sum(want[k] * share[k] for k in KINDS)
     bundles = [{"GPU": share[k]} for k in KINDS for _ in range(want[k]) if share[k] > 0]
     limit = c.max_preparing
-    if limit == "auto":
-        return Plan(counts, max(1, counts["trainers"] + counts["backgrounds"]), wanted, bundles)
+    if limit == "auto":  # one render in work and one waiting per prepare worker
+        return Plan(counts, max(1, 2 * (counts["trainers"] + counts["backgrounds"])), wanted,
+                    bundles)  # fmt: skip
     return Plan(counts, limit, wanted, bundles)
 
 
@@ -243,8 +253,8 @@ def resize(
                           key=lambda s: (since[s.slot], -s.slot))  # fmt: skip
             if kind == "samplers":
                 idle = [s for s in idle if now - since[s.slot] >= c.sampler_idle_s]
-            else:  # prepare pools: not-ready ones too, then drain the busy (newest first)
-                idle = [s for s in live if not s.ready] + idle
+            else:  # prepare pools: starting ones without work too, then drain the busy
+                idle = [s for s in live if not s.ready and s.load == 0] + idle
             gone = [s.slot for s in idle[:excess]]
             stop += gone
             if kind != "samplers" and excess > len(gone):
