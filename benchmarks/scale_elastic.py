@@ -140,6 +140,14 @@ class Sim:
             return self.start(kind)
         return min(open_, key=lambda a: (len(a.queue) + (a.running is not None), a.slot))
 
+    def core(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)``, its thread CPU time counted as the core's (scheduler calls)."""
+        cpu = time.thread_time()
+        try:
+            return fn(*args)
+        finally:
+            self.cpu_s += time.thread_time() - cpu
+
     def _at(self, when: float, what: str, data: Any) -> None:
         self.serial += 1
         heapq.heappush(self.events, (when, self.serial, what, data))
@@ -176,10 +184,12 @@ class Sim:
 
     def tick(self) -> None:
         c = self.c
+        cpu = time.thread_time()  # the core's share: backlog, plan, resize decisions
         training = len(self.preparing - self.adapters)  # what the Ray executor tells it
         backlog = replace(queue_backlog(self.scheduler), training=training)
         plan = plan_pools(backlog, Resources(gpus=self.gpus), c,
                           {"training": self.args.train_s, "background": self.args.plate_s})  # fmt: skip
+        self.cpu_s += time.thread_time() - cpu
         if not self.elastic:
             self.scheduler.max_preparing = plan.max_preparing
             for kind in KINDS_SIM:  # fixed pools: started on first need (all at once here)
@@ -190,7 +200,9 @@ class Sim:
         states = {k: [SlotState(a.slot, len(a.queue) + (a.running is not None),
                                 self.t >= a.ready_at, a.started, a.idle_since)
                       for a in pool.values()] for k, pool in self.pools.items()}  # fmt: skip
+        cpu = time.thread_time()
         decision = resize(plan, states, c, self.gpus, self.t)
+        self.cpu_s += time.thread_time() - cpu
         for kind, pool in self.pools.items():
             for slot in decision.stop.get(kind, []):
                 self.stop(pool[slot])
@@ -205,7 +217,7 @@ class Sim:
                 self.stop(actor)
 
     def dispatch(self) -> None:
-        for rid in self.scheduler.next_prepares():
+        for rid in self.core(self.scheduler.next_prepares):
             trainer, worker = self.pick("trainers"), self.pick("backgrounds")
             assert trainer is not None and worker is not None, "no GPU room for preparation"
             trainer.queue.append(Job("train", rid))
@@ -214,7 +226,7 @@ class Sim:
         for actor in sorted(self.pools["samplers"].values(), key=lambda a: a.slot):
             if actor.running or actor.queue or self.t < actor.ready_at:
                 continue
-            batch = self.scheduler.next_batch()
+            batch = self.core(self.scheduler.next_batch)
             if not batch:
                 break
             actor.queue.append(Job("batch", frames=batch))
@@ -232,19 +244,18 @@ class Sim:
             for other in self.pools["backgrounds"].values():
                 self.run_jobs(other)
         elif job.kind == "plate":
-            self.scheduler.prepared(job.render)
+            self.core(self.scheduler.prepared, job.render)
             self.preparing.discard(job.render)
         else:
             for request in job.frames:
-                self.scheduler.frame_done(request.render_id, request.index)
+                self.core(self.scheduler.frame_done, request.render_id, request.index)
             self.frames += len(job.frames)
 
     def run(self, limit_s: float) -> None:
         next_tick = 0.0
-        while not self.scheduler.finished:
+        while not self.core(lambda: self.scheduler.finished):
             if self.t > limit_s:
                 raise TimeoutError(f"not done after {limit_s:.0f} simulated s")
-            cpu = time.thread_time()
             tick = self.t >= next_tick
             if tick:
                 self.tick()
@@ -252,7 +263,6 @@ class Sim:
             self.dispatch()
             if tick:
                 self._sample()
-            self.cpu_s += time.thread_time() - cpu
             busy = sum(1 for n in self.busy_count if n)
             if busy == self.gpus and self.full_at is None:
                 self.full_at = self.t
