@@ -71,12 +71,8 @@ class Backlog:
 
 def queue_backlog(scheduler: Any) -> Backlog:
     """The :class:`Backlog` of a :class:`~engine.core.scheduler.ChainScheduler`."""
-    counts = {"queued": 0, "preparing": 0, "rendering": 0}
-    for render_id in scheduler.known():
-        stage = scheduler.stage(render_id).value
-        if stage in counts:
-            counts[stage] += 1
-    return Backlog(**counts)
+    counts = scheduler.counts()
+    return Backlog(counts["queued"], counts["preparing"], counts["rendering"])
 
 
 @dataclass(frozen=True)
