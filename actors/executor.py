@@ -2,8 +2,10 @@
 
 Prepare stages run as chained actor calls (Refiner → AppearanceTrainer → BackgroundWorker; the
 object store carries the refined prompt, adapter and plate along), so while the Samplers render
-frames of A and B the trainer works on C and the background worker on D. Actors are created on
-first need and live as long as the executor (a finished manifest re-run starts none).
+frames of A and B the trainer works on C and the background worker on D. Pools of fixed size
+start their actors on first need and keep them as long as the executor (a finished manifest
+re-run starts none); ``auto`` pools grow with the queue and shrink when idle (actors/pools.py,
+engine/core/sizing.py). A config that gives actors GPUs on a cluster without any fails at once.
 
 Faults: a worker that raises gives the error's own kind (input or infrastructure); a dead actor
 (killed, node lost, constructor failed) is an infrastructure fault — its in-flight work comes back
@@ -20,12 +22,14 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import ray
 from ray.exceptions import ActorDiedError, RayActorError, RayError, RayTaskError
 
+from actors.pools import Elastic, Pool, elastic_pools
 from actors.workers import AppearanceTrainer, BackgroundWorker, Refiner, Sampler
 from engine.config import RenderConfig
 from engine.core.executor import (
@@ -39,6 +43,7 @@ from engine.core.executor import (
     StageStarted,
 )
 from engine.core.faults import Kind, classify, describe
+from engine.core.sizing import Backlog, check_gpus
 from engine.core.work import FrameWork, SessionSpec, padding_policy
 from engine.storage import env_credentials
 
@@ -68,38 +73,11 @@ def _lost(error: BaseException) -> bool:
 
 
 @dataclass
-class _Pool:
-    """Actors of one kind; a slot's actor is replaced when it is found dead for good."""
-
-    make: Any
-    count: int
-    actors: list[Any] = field(default_factory=list)
-    turn: int = 0
-
-    started: int = 0
-
-    def ensure(self) -> None:
-        while len(self.actors) < self.count:
-            self.actors.append(self.make())
-            self.started += 1
-
-    def next(self, avoid: set[int] | frozenset[int] = frozenset()) -> tuple[Any, int]:
-        """(actor, slot), round robin over the slots not in ``avoid`` (if any is left)."""
-        self.ensure()
-        for _ in range(len(self.actors)):
-            self.turn += 1
-            slot = self.turn % len(self.actors)
-            if slot not in avoid:
-                break
-        return self.actors[slot], slot
-
-
-@dataclass
 class _Prep:
     job: PrepareJob
     refs: dict[str, Any]
     """stage name → ObjectRef, in pipeline order (refined, adapter, plate)."""
-    actors: list[tuple[_Pool, int]] = field(default_factory=list)
+    actors: list[tuple[Pool, int]] = field(default_factory=list)
     """The (pool, slot) of each actor working on it (probed when one dies)."""
     started: float = field(default_factory=time.perf_counter)
     announced: set[str] = field(default_factory=set)
@@ -128,34 +106,43 @@ class RayExecutor(Executor):
         # reach it from this process's environment, whichever node it lands on
         secrets = {k: v for k, v in os.environ.items() if k.startswith("OPENAI_")}
         refiner_opts = {**opts, "runtime_env": {"env_vars": secrets}} if secrets else opts
-        self.refiners = _Pool(lambda: Refiner.options(**refiner_opts).remote(), 1)  # type: ignore[attr-defined]
-        self.trainers = _Pool(
+        check_gpus(c, float(ray.cluster_resources().get("GPU", 0.0)))  # fail now, not wait
+
+        def size(count: int | str) -> int | None:
+            return None if count == "auto" else int(count)
+
+        self.refiners = Pool(lambda: Refiner.options(**refiner_opts).remote(), size(c.refiners))  # type: ignore[attr-defined]
+        self.trainers = Pool(
             lambda: AppearanceTrainer.options(num_gpus=c.trainer_gpus, **opts).remote(model),  # type: ignore[attr-defined]
-            c.trainers,
+            size(c.trainers),
         )
-        self.backgrounds = _Pool(
+        self.backgrounds = Pool(
             lambda: BackgroundWorker.options(num_gpus=c.background_gpus, **opts).remote(model),  # type: ignore[attr-defined]
-            c.backgrounds,
+            size(c.backgrounds),
         )
         tag = uuid.uuid4().hex[:8]  # named (findable by operators and fault tests), unique
         # SPREAD: one Sampler per GPU across the nodes, not packed on one (a lost node then
         # takes only its share of the Samplers with it).
-        self.samplers = _Pool(
+        self.samplers = Pool(
             lambda: Sampler.options(  # type: ignore[attr-defined]
                 num_gpus=c.sampler_gpus,
                 name=f"avatar-sampler-{tag}-{uuid.uuid4().hex[:6]}",
                 scheduling_strategy="SPREAD",
                 **opts,
             ).remote(model, c.max_batch, padding_policy(config)),
-            c.samplers,
+            size(c.samplers),
         )
+        self.pools = {"samplers": self.samplers, "trainers": self.trainers,
+                      "backgrounds": self.backgrounds, "refiners": self.refiners}  # fmt: skip
+        self.elastic = Elastic(self.pools, c) if elastic_pools(c) else None
+        self._auto_preparing = c.max_preparing == "auto"
         self._preps: dict[str, _Prep] = {}
         self._deferred: list[PrepareJob] = []
         self._specs: dict[str, Any] = {}
         self._busy: dict[Any, tuple[int, int, float]] = {}  # ref → (sampler, batch, start)
-        self._probes: dict[Any, tuple[_Pool, int]] = {}
+        self._probes: dict[Any, tuple[Pool, int]] = {}
         self._probing: set[tuple[int, int]] = set()
-        self._reprobes: list[tuple[float, _Pool, int]] = []
+        self._reprobes: list[tuple[float, Pool, int]] = []
         self._backoff: dict[tuple[int, int], float] = {}  # (pool, slot) → next reprobe delay
         self._events: list[Outcome] = []
         self._memory: dict[str, Any] = {"peak_rss_mb": 0.0, "sessions_bytes": {}}
@@ -163,13 +150,13 @@ class RayExecutor(Executor):
 
     # -- prepare ------------------------------------------------------------------------------
 
-    def _probed(self, pool: _Pool) -> set[int]:
+    def _probed(self, pool: Pool) -> set[int]:
         return {slot for p, slot in self._probing if p == id(pool)}
 
-    def _restarting(self, pool: _Pool) -> bool:
+    def _restarting(self, pool: Pool) -> bool:
         """Every actor of ``pool`` is being probed (restarting or being replaced)."""
         pool.ensure()
-        return all((id(pool), slot) in self._probing for slot in range(len(pool.actors)))
+        return bool(pool.actors) and all((id(pool), s) in self._probing for s in pool.actors)
 
     def prepare(self, job: PrepareJob) -> None:
         self.samplers.ensure()  # warm the Samplers while the first characters prepare
@@ -181,7 +168,7 @@ class RayExecutor(Executor):
             return
         cfg = job.config.model_dump(mode="json")
         refs: dict[str, Any] = {}
-        used: list[tuple[_Pool, int]] = []
+        used: list[tuple[Pool, int]] = []
         if job.refined:
             refs["refining"] = ray.put(job.refined)
         else:
@@ -197,6 +184,8 @@ class RayExecutor(Executor):
             worker, slot = self.backgrounds.next(self._probed(self.backgrounds))
             refs["background"] = worker.plate.remote(cfg, refs["refining"], job.keypoints0, adapter)
             used.append((self.backgrounds, slot))
+        for pool, slot in used:
+            pool.begin(slot)
         self._preps[job.render_id] = _Prep(job, refs, used)
         self._announce(job.render_id)
 
@@ -217,14 +206,14 @@ class RayExecutor(Executor):
         if pending:
             self._announce(render_id)
             return
-        del self._preps[render_id]
+        self._end_prep(self._preps.pop(render_id))
         try:
             got = {stage: ray.get(ref, timeout=600) for stage, ref in prep.refs.items()}
         except Exception as e:
             reason, kind = ray_fault(e)
             if isinstance(e, RayActorError):
                 for pool, slot in prep.actors:
-                    if (id(pool), slot) not in self._probing:
+                    if (id(pool), slot) not in self._probing and slot in pool.actors:
                         self._probe(pool, slot)
             self._events.append(PrepareFailed(render_id, reason, kind, worker_lost=_lost(e)))
             return
@@ -232,6 +221,11 @@ class RayExecutor(Executor):
         adapter = got.get("training", prep.job.adapter)
         plate = got.get("background", prep.job.plate)
         self._events.append(Prepared(render_id, got["refining"], adapter, plate, seconds))
+
+    @staticmethod
+    def _end_prep(prep: _Prep) -> None:
+        for pool, slot in prep.actors:
+            pool.end(slot)
 
     # -- frames -------------------------------------------------------------------------------
 
@@ -242,7 +236,7 @@ class RayExecutor(Executor):
         busy = {s for s, _, _ in self._busy.values()} | {
             i for p, i in self._probing if p == id(self.samplers)
         }
-        return [i for i in range(self.samplers.count) if i not in busy]
+        return [i for i in self.samplers.slots() if i not in busy]
 
     def free_slots(self) -> int:
         return len(self._free())
@@ -252,6 +246,7 @@ class RayExecutor(Executor):
         slot = self._free()[0]
         specs = {w.render_id: [self._specs[w.render_id]] for w in work}
         ref = self.samplers.actors[slot].denoise.remote(work, specs)
+        self.samplers.begin(slot)
         self._busy[ref] = (slot, batch_id, time.perf_counter())
 
     # -- poll ---------------------------------------------------------------------------------
@@ -287,12 +282,13 @@ class RayExecutor(Executor):
 
     def _collect_batch(self, ref: Any) -> None:
         slot, batch_id, start = self._busy.pop(ref)
+        self.samplers.end(slot)
         try:
             outcomes, peak, sessions = ray.get(ref, timeout=600)
         except Exception as e:
             reason, kind = ray_fault(e)
             log.warning("sampler %d: batch %d failed: %s", slot, batch_id, reason)
-            if isinstance(e, RayActorError):
+            if isinstance(e, RayActorError) and slot in self.samplers.actors:
                 self._probe(self.samplers, slot)
             self._events.append(BatchFailed(batch_id, reason, kind, worker_lost=_lost(e)))
             return
@@ -301,7 +297,7 @@ class RayExecutor(Executor):
         seconds = time.perf_counter() - start
         self._events.append(BatchDone(batch_id, outcomes, seconds, peak))
 
-    def _probe(self, pool: _Pool, slot: int, *, again: bool = False) -> None:
+    def _probe(self, pool: Pool, slot: int, *, again: bool = False) -> None:
         """Ask a failed actor for its pid: it answers once Ray restarted it; if it is dead for
         good (``ActorDiedError``) the slot gets a new actor. The slot takes no work meanwhile."""
         if not again:
@@ -311,13 +307,15 @@ class RayExecutor(Executor):
 
     def _collect_probe(self, ref: Any) -> None:
         pool, slot = self._probes.pop(ref)
+        if slot not in pool.actors:  # released by the elastic sizing meanwhile
+            self._probing.discard((id(pool), slot))
+            return
         try:
             ray.get(ref, timeout=60)
         except ActorDiedError as e:
             log.warning("actor slot %d is dead for good (%s); starting a new one", slot, e)
             self.stats["replaced_actors"] += 1
-            pool.actors[slot] = pool.make()
-            pool.started += 1
+            pool.put(slot)
         except RayError:  # still restarting (ActorUnavailableError): ask again, backing off
             delay = self._backoff.get((id(pool), slot), 0.5)
             self._backoff[(id(pool), slot)] = min(delay * 2, 10.0)
@@ -331,17 +329,37 @@ class RayExecutor(Executor):
         due = [r for r in self._reprobes if r[0] <= now]
         self._reprobes = [r for r in self._reprobes if r[0] > now]
         for _, pool, slot in due:
-            self._probe(pool, slot, again=True)
+            if slot in pool.actors:
+                self._probe(pool, slot, again=True)
+            else:
+                self._probing.discard((id(pool), slot))
 
     # -- lifetime -----------------------------------------------------------------------------
 
     def release(self, render_id: str) -> None:
-        self._preps.pop(render_id, None)
+        prep = self._preps.pop(render_id, None)
+        if prep is not None:
+            self._end_prep(prep)
         self._deferred = [j for j in self._deferred if j.render_id != render_id]
         if self._specs.pop(render_id, None) is not None:
-            for actor in self.samplers.actors:
+            for actor in self.samplers.actors.values():
                 actor.close.remote(render_id)
         self._memory["sessions_bytes"].pop(render_id, None)
+
+    def resize(self, backlog: Callable[[], Backlog]) -> int | None:
+        """Elastic pools: re-plan and resize (actors/pools.py); → the prepare limit (auto)."""
+        if self.elastic is None:
+            return None
+        probing = {k: self._probed(p) for k, p in self.pools.items()}
+        plan = self.elastic.tick(lambda: self._training(backlog()), probing)
+        return plan.max_preparing if plan is not None and self._auto_preparing else None
+
+    def _training(self, backlog: Backlog) -> Backlog:
+        """``backlog`` with the renders whose LoRA is still to train (only we know it)."""
+        refs = [p.refs["training"] for p in self._preps.values() if "training" in p.refs]
+        trained = len(ray.wait(refs, num_returns=len(refs), timeout=0)[0]) if refs else 0
+        no_lora = sum("training" not in p.refs for p in self._preps.values())
+        return replace(backlog, training=max(0, backlog.preparing - trained - no_lora))
 
     def memory(self) -> dict[str, Any]:
         return {
@@ -352,11 +370,10 @@ class RayExecutor(Executor):
     @property
     def actors_started(self) -> int:
         """Actors created so far (replacements included)."""
-        pools = (self.refiners, self.trainers, self.backgrounds, self.samplers)
-        return sum(p.started for p in pools)
+        return sum(p.started for p in self.pools.values())
 
     def close(self) -> None:
-        for pool in (self.refiners, self.trainers, self.backgrounds, self.samplers):
-            for actor in pool.actors:
+        for pool in self.pools.values():
+            for actor in pool.actors.values():
                 ray.kill(actor)
             pool.actors.clear()

@@ -375,7 +375,7 @@ class RayCore(Variant):
         start = time.perf_counter()
         self.executor.refiners.ensure()
         self.executor.samplers.ensure()
-        actors = [*self.executor.refiners.actors, *self.executor.samplers.actors]
+        actors = [*self.executor.refiners.actors.values(), *self.executor.samplers.actors.values()]
         ray.get([a.__ray_ready__.remote() for a in actors], timeout=600)
         self.info = {"actor_start_s": round(time.perf_counter() - start, 3)}
         self.info["sampler_threads"] = _sampler_threads(self.executor)

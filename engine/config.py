@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -258,19 +258,43 @@ class BackgroundConfig(_Base):
     """Guidance scale of the inpainting pipeline."""
 
 
+Count = Annotated[int, Field(ge=1, le=4096)] | Literal["auto"]
+"""An actor count: a number, or ``auto`` (sized from the cluster and the queue)."""
+
+
 class ClusterConfig(_Base):
     """Actors of a Ray cluster render (actors/); ignored by in-process renders."""
 
-    samplers: int = Field(default=1, ge=1, le=1024)
-    """Sampler actors (frame chain models), each serving many characters."""
+    samplers: Count = 1
+    """Sampler actors (frame chain models), each serving many characters; ``auto``: one per GPU
+    the cluster has (``1 / sampler_gpus`` per GPU), growing with the queue up to
+    ``max_samplers`` (asking Ray's autoscaler for GPUs) and shrinking when idle
+    (engine/core/sizing.py)."""
+    min_samplers: int = Field(default=1, ge=0, le=4096)
+    """``samplers: auto``: fewest Samplers kept while nothing is left to render."""
+    max_samplers: int = Field(default=64, ge=1, le=4096)
+    """``samplers: auto``: most Samplers, whatever the queue."""
+    sampler_idle_s: float = Field(default=120.0, ge=0.0, le=86_400.0)
+    """An elastic pool's actor idle this long (no work in flight) while its pool is above the
+    plan is released (its GPU goes back to the cluster)."""
     sampler_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
     """GPUs per Sampler (fractions share a GPU; 0 on a CPU cluster)."""
-    trainers: int = Field(default=1, ge=1, le=1024)
-    """AppearanceTrainer actors (reference synthesis + LoRA training)."""
+    trainers: Count = 1
+    """AppearanceTrainer actors (reference synthesis + LoRA training); ``auto``: sized from the
+    renders waiting to be prepared, within the GPUs the Samplers leave."""
     trainer_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
     """GPUs per AppearanceTrainer."""
-    backgrounds: int = Field(default=1, ge=1, le=1024)
-    """BackgroundWorker actors (scene + SAM + inpainting)."""
+    backgrounds: Count = 1
+    """BackgroundWorker actors (scene + SAM + inpainting); ``auto`` as ``trainers``."""
+    refiners: Count = 1
+    """Refiner actors (CPU: prompt refinement); ``auto``: one per 32 renders being prepared,
+    at most 4."""
+    max_prepare_workers: int = Field(default=64, ge=1, le=4096)
+    """``auto`` prepare pools: most trainers + background workers together."""
+    gpu_wait_s: float = Field(default=600.0, ge=0.0, le=86_400.0)
+    """An actor that got no GPU this long after it was started (the autoscaler could not add
+    one) is given up and the pool planned without it (a cluster with no GPU at all fails at
+    once)."""
     background_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
     """GPUs per BackgroundWorker."""
     max_batch: int = Field(default=8, ge=1, le=256)
@@ -278,8 +302,10 @@ class ClusterConfig(_Base):
     batch_wait_s: float = Field(default=0.25, ge=0.0, le=60.0)
     """When fewer than max_batch frames are ready while characters are still being prepared,
     wait up to this long for them to join the batch (0 = never wait)."""
-    max_preparing: int = Field(default=2, ge=1, le=1024)
-    """Most characters in the prepare stages (refine/LoRA/plate) at once."""
+    max_preparing: Count = 2
+    """Most characters in the prepare stages (refine/LoRA/plate) at once; ``auto``: twice the
+    prepare pools' trainers + background workers (one render in work and one waiting for each;
+    re-planned as they resize)."""
     deterministic_batches: bool = True
     """Pad batches as ``batch_padding`` says (False = never pad)."""
     batch_padding: Literal["none", "bucket", "max"] = "bucket"

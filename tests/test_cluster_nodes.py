@@ -119,7 +119,9 @@ def test_node_loss_and_deleted_inputs_on_a_bucket(cluster, s3, tmp_path: Path):
 
     def remove_busiest_node(executor, event):
         if event["type"] == "frame" and not removed:
-            nodes = ray.get([a.node_id.remote() for a in executor.samplers.actors], timeout=60)
+            nodes = ray.get(
+                [a.node_id.remote() for a in executor.samplers.actors.values()], timeout=60
+            )
             placed.extend(nodes)
             busiest = max(set(nodes), key=nodes.count)
             c.remove_node(next(n for n in gpu_nodes if n.node_id == busiest))

@@ -43,6 +43,7 @@ from engine.core.live import LiveRender, save_prepared
 from engine.core.outputs import remove_render
 from engine.core.recovery import Recovery
 from engine.core.scheduler import ChainScheduler, Progress, Stage
+from engine.core.sizing import initial_max_preparing
 from engine.core.store import (
     FINAL_STATES,
     STATES,
@@ -95,7 +96,9 @@ class EngineCore:
         self.store = store
         self.executor = executor
         self.on_event = on_event
-        self.scheduler = ChainScheduler(max_batch=c.max_batch, max_preparing=c.max_preparing)
+        self.scheduler = ChainScheduler(
+            max_batch=c.max_batch, max_preparing=initial_max_preparing(c)
+        )
         self._lock = threading.RLock()
         self._live: dict[str, LiveRender] = {}
         counters = ("retries", "restarts_waited", "max_unwritten", "held_for_writes",

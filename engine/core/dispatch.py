@@ -1,6 +1,7 @@
 """The engine core's dispatch: prepare stages and batches of ready frames handed to the executor.
 
-Each :meth:`Dispatcher.dispatch` starts the prepare stages the scheduler admits, then fills the
+Each :meth:`Dispatcher.dispatch` first lets the executor resize its elastic pools to the queue
+(``Executor.resize``; it may also widen the prepare window), then starts the prepare stages the scheduler admits, then fills the
 executor's free slots with batches of frames of many renders, unless
 
 * the unwritten backlog is full (``cluster.max_unwritten_frames``: the writers catch up first,
@@ -13,12 +14,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from engine.config import ClusterConfig
 from engine.core.executor import Executor
 from engine.core.live import LiveRender
 from engine.core.scheduler import ChainScheduler, FrameRequest, Stage
+from engine.core.sizing import queue_backlog
 
 
 class Dispatcher:
@@ -53,7 +56,9 @@ class Dispatcher:
         self._serial = 0
 
     def dispatch(self) -> None:
-        """Start admitted prepare stages; hand out batches while the executor has free slots."""
+        """Resize elastic pools, start admitted prepare stages, hand out batches to free slots."""
+        limit = self.executor.resize(partial(queue_backlog, self.scheduler))
+        self.scheduler.max_preparing = limit or self.scheduler.max_preparing
         for render_id in self.scheduler.next_prepares():
             self.executor.prepare(self._live[render_id].prepare_job())
         while self.executor.free_slots() > 0:

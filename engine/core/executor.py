@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ import numpy as np
 from engine.chain import FrameChain
 from engine.config import RenderConfig
 from engine.core.faults import Kind, classify, describe
+from engine.core.sizing import Backlog
 from engine.core.work import (
     AdapterPayload,
     FrameOutcome,
@@ -157,6 +159,12 @@ class Executor(ABC):
     @abstractmethod
     def release(self, render_id: str) -> None:
         """Free everything held for a render that ended (any state)."""
+
+    def resize(self, backlog: Callable[[], Backlog]) -> int | None:
+        """Grow or shrink the workers for the core's queue (called every step; ``backlog`` is
+        evaluated only when the executor re-plans). Returns the ``max_preparing`` the core
+        should use now, or None to keep its own (fixed pools)."""
+        return None
 
     def memory(self) -> dict[str, Any]:
         """Workers' memory: peak RSS and bytes held per open render."""

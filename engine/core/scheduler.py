@@ -20,6 +20,7 @@ runs the work, and reports back with :meth:`~ChainScheduler.prepared`,
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -377,6 +378,10 @@ class ChainScheduler:
         """Ids of the renders PREPARING or RENDERING, in submission order."""
         busy = (Stage.PREPARING, Stage.RENDERING)
         return [r.render_id for r in self._renders.values() if r.stage in busy]
+
+    def counts(self) -> Counter[Stage]:
+        """How many renders are in each stage (one pass; for the elastic sizing)."""
+        return Counter(r.stage for r in self._renders.values())
 
     @property
     def finished(self) -> bool:
