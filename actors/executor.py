@@ -149,6 +149,15 @@ class RayExecutor(Executor):
             ).remote(model, c.max_batch, padding_policy(config)),
             c.samplers,
         )
+        # -- shared_models hook: one DeviceWorker per GPU is the trainer, background worker and
+        # Sampler at once (actors/devices.py); the three names are one pool.
+        self.devices = None
+        if c.shared_models:
+            from actors.devices import DevicePlanner
+
+            self.devices = DevicePlanner.create(config, opts)
+            self.trainers = self.backgrounds = self.samplers = self.devices  # type: ignore[assignment]
+        # -- end of the shared_models hook
         self._preps: dict[str, _Prep] = {}
         self._deferred: list[PrepareJob] = []
         self._specs: dict[str, Any] = {}
@@ -344,16 +353,19 @@ class RayExecutor(Executor):
         self._memory["sessions_bytes"].pop(render_id, None)
 
     def memory(self) -> dict[str, Any]:
-        return {
+        memory = {
             "peak_rss_mb": self._memory["peak_rss_mb"],
             "sessions_bytes": dict(self._memory["sessions_bytes"]),
         }
+        if self.devices is not None:  # shared_models hook
+            memory["devices"] = self.devices.report()
+        return memory
 
     @property
     def actors_started(self) -> int:
         """Actors created so far (replacements included)."""
         pools = (self.refiners, self.trainers, self.backgrounds, self.samplers)
-        return sum(p.started for p in pools)
+        return sum(p.started for p in {id(p): p for p in pools}.values())  # shared_models: one
 
     def close(self) -> None:
         for pool in (self.refiners, self.trainers, self.backgrounds, self.samplers):

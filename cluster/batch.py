@@ -189,6 +189,8 @@ def run_batch(
         frames_rendered=frames_done,
         frames_per_s=round(frames_done / wall, 3) if wall else None,
     )
+    if executor.devices is not None:  # cluster.shared_models: what each GPU's worker held
+        summary["devices"] = executor.memory()["devices"]
     atomic_json(root / "summary.json", summary)
     return summary
 
