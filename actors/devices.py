@@ -130,6 +130,13 @@ class DevicePlanner:
                 break
         return self.actors[slot], slot
 
+    def refresh(self, timeout_s: float = 60.0) -> list[dict[str, Any]]:
+        """Every worker's report as of now (waits behind their current calls, up to
+        ``timeout_s``; a worker that does not answer keeps its last report)."""
+        self._asked = {slot: actor.report.remote() for slot, actor in enumerate(self.actors)}
+        ray.wait(list(self._asked.values()), num_returns=len(self._asked), timeout=timeout_s)
+        return self.report()
+
     def report(self) -> list[dict[str, Any]]:
         """The latest report of each worker (``slot`` added), without waiting: a report asked
         for now is queued behind the worker's current call and read on a later call."""
