@@ -158,3 +158,18 @@ def test_a_stage_that_fails_mid_training_leaves_no_adapter_behind(tmp_path: Path
     assert loaded_adapters(parts.unet) == ["session"]
     assert TRAINING_ADAPTER not in loaded_adapters(parts.text_encoder)
     assert active_adapter(parts.unet) == "session"  # the state before the stage, restored
+
+
+def test_sd15_random_has_every_model_of_the_full_method_at_the_official_sizes():
+    """Built on the meta device (nothing allocated): SD-1.5's UNet (859,520,964 parameters),
+    the 9-channel inpainting UNet (+5 input channels × 320 × 3 × 3) and SAM ViT-H (641,090,608),
+    and the per-GPU sums the shared-memory benchmark reports."""
+    from benchmarks.shared_memory import weights
+
+    report = weights("sd15-random", "float16")
+    gb = report["modules_gb"]
+    assert gb["unet"] == round(859_520_964 * 2 / 1e9, 3)
+    assert gb["inpaint_unet"] == round((859_520_964 + 5 * 320 * 9) * 2 / 1e9, 3)
+    assert gb["sam"] == round(641_090_608 * 4 / 1e9, 3)  # SAM stays float32
+    base = sum(gb[name] for name in COMPONENTS)
+    assert report["before_gb"] - report["after_gb"] == pytest.approx(2 * base, abs=0.02)
