@@ -158,9 +158,11 @@ def rss(preset: str, work: Path, extra: list[str], timeout: float) -> dict[str, 
 
 
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"### shared models: memory per GPU, {report['weights_preset']} weights", "",
-             "| dtype | UNet | ControlNet | VAE | text | inpaint UNet | SAM | three actors | "
-             "one DeviceWorker |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["### shared models: memory per GPU"]
+    if report["weights"]:
+        lines += ["", f"weights of {report['weights_preset']} (GB):", "",
+                  "| dtype | UNet | ControlNet | VAE | text | inpaint UNet | SAM | three actors | "
+                  "one DeviceWorker |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for w in report["weights"]:
         m = w["modules_gb"]
         lines.append(
