@@ -173,3 +173,13 @@ def test_sd15_random_has_every_model_of_the_full_method_at_the_official_sizes():
     assert gb["sam"] == round(641_090_608 * 4 / 1e9, 3)  # SAM stays float32
     base = sum(gb[name] for name in COMPONENTS)
     assert report["before_gb"] - report["after_gb"] == pytest.approx(2 * base, abs=0.02)
+
+
+def test_gpu_presets_share_one_model_copy_per_gpu():
+    from actors.devices import device_gpus
+
+    for preset, shared in {"sd15": True, "sd15-random": True, "tiny": False}.items():
+        assert load_config(None, preset=preset).cluster.shared_models is shared, preset
+    sd15 = load_config(None, preset="sd15")
+    assert device_gpus(sd15) == 1.0  # the Sampler's 0.5 + trainer's 0.25 + background's 0.25
+    assert device_gpus(load_config(None, preset="sd15", overrides=["cluster.sampler_gpus=1"])) == 1
