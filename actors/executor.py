@@ -134,6 +134,15 @@ class RayExecutor(Executor):
         )
         self.pools = {"samplers": self.samplers, "trainers": self.trainers,
                       "backgrounds": self.backgrounds, "refiners": self.refiners}  # fmt: skip
+        # cluster.shared_models: one DeviceWorker per GPU is the trainer, background worker and
+        # Sampler at once (actors/devices.py); the three names are one pool, sized as Samplers.
+        self.devices = None
+        if c.shared_models:
+            from actors.devices import DevicePlanner
+
+            self.devices = DevicePlanner.create(config, opts)
+            self.trainers = self.backgrounds = self.samplers = self.devices
+            self.pools = {"samplers": self.devices, "refiners": self.refiners}
         self.elastic = Elastic(self.pools, c) if elastic_pools(c) else None
         self._auto_preparing = c.max_preparing == "auto"
         self._preps: dict[str, _Prep] = {}
@@ -362,10 +371,13 @@ class RayExecutor(Executor):
         return replace(backlog, training=max(0, backlog.preparing - trained - no_lora))
 
     def memory(self) -> dict[str, Any]:
-        return {
+        memory = {
             "peak_rss_mb": self._memory["peak_rss_mb"],
             "sessions_bytes": dict(self._memory["sessions_bytes"]),
         }
+        if self.devices is not None:  # shared_models hook
+            memory["devices"] = self.devices.report()
+        return memory
 
     @property
     def actors_started(self) -> int:

@@ -180,6 +180,8 @@ def run_batch(
             record = core.get(render_id)
             summary["renders"][render_id] = _entry(core, render_id, record.state)
             frames_done += record.frames_done - summary["renders"][render_id]["resumed_from"]
+        if executor.devices is not None:  # cluster.shared_models: what each GPU's worker holds
+            summary["devices"] = executor.devices.refresh()
     finally:
         core.close()
     wall = time.monotonic() - start

@@ -297,6 +297,13 @@ class ClusterConfig(_Base):
     once)."""
     background_gpus: float = Field(default=0.0, ge=0.0, le=8.0)
     """GPUs per BackgroundWorker."""
+    shared_models: bool = False
+    """One copy of the base model per GPU: ``samplers`` DeviceWorkers (actors/devices.py), each
+    running sampling, LoRA training and plate work on one resident model set, with the summed
+    GPU shares of the three stages it replaces (at most 1), instead of a Sampler, an
+    AppearanceTrainer and a BackgroundWorker with a model copy each. With ``samplers: auto``
+    the DeviceWorkers are the elastic pool (one per GPU, engine/core/sizing.py); ``trainers``
+    and ``backgrounds`` are then unused."""
     max_batch: int = Field(default=8, ge=1, le=256)
     """Most frames (of different characters) denoised in one Sampler batch."""
     batch_wait_s: float = Field(default=0.25, ge=0.0, le=60.0)

@@ -158,3 +158,26 @@ def test_no_gpu_fails_with_the_fix():
     check_gpus(auto(), 1.0)
     with pytest.raises(NoGPUError, match=r"no GPU.*cluster\.sampler_gpus=1.*sampler_gpus=0"):
         check_gpus(auto(trainer_gpus=0.0, background_gpus=0.0), 0.0)
+
+
+def test_shared_models_plan_one_device_worker_per_gpu_for_rendering_and_preparing():
+    # sd15's shares: 0.5 + 0.25 + 0.25 → one DeviceWorker holds one whole GPU
+    c = auto(shared_models=True, sampler_gpus=0.5, trainer_gpus=0.25, background_gpus=0.25)
+    fresh = plan_pools(Backlog(queued=500), Resources(gpus=64), c)
+    assert fresh.counts["samplers"] == 64  # the devices do the preparing: every GPU has a use
+    assert fresh.counts["trainers"] == fresh.counts["backgrounds"] == 0  # no pools of their own
+    assert fresh.max_preparing == 64  # one render per worker
+    assert (
+        fresh.wanted_gpus == 64 and fresh.bundles == [{"GPU": 1.0}] * 64
+    )  # capped by max_prepare_workers
+    small = plan_pools(Backlog(rendering=16, preparing=2), Resources(gpus=8), c)
+    assert (
+        small.counts["samplers"] == 8
+    )  # 2 batches + 2 prepares wanted, free GPUs join while work is left
+    assert small.wanted_gpus == 4
+    idle = plan_pools(Backlog(), Resources(gpus=8), c)
+    assert idle.counts["samplers"] == c.min_samplers == 1
+    grow = plan_pools(Backlog(rendering=80), Resources(gpus=2), c)
+    assert grow.counts["samplers"] == 2 and grow.wanted_gpus == 10  # the autoscaler is asked for 10
+    fixed = plan_pools(Backlog(queued=50), Resources(gpus=8), auto(shared_models=True, samplers=3))
+    assert fixed.counts["samplers"] == 3 and fixed.max_preparing == 3

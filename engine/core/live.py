@@ -341,6 +341,8 @@ def finalize(live: LiveRender, *, executor: str, memory: dict[str, Any]) -> None
     stages = {"executor": executor, **live.stages}
     if memory.get("sessions_bytes"):
         stages["sampler_session_bytes"] = memory["sessions_bytes"].get(live.id)
+    if memory.get("devices"):  # cluster.shared_models: what each GPU's worker holds
+        stages["devices"] = memory["devices"]
     live.timings["total"] = time.monotonic() - live.admitted
     write_manifest(
         out,

@@ -96,7 +96,12 @@ class Plan:
 
 
 def shares(c: ClusterConfig) -> dict[str, float]:
-    """GPUs per actor of each pool (refiners run on CPUs)."""
+    """GPUs per actor of each pool (refiners run on CPUs). With ``shared_models`` the Samplers
+    are DeviceWorkers holding the three stages' shares (at most 1 GPU) and no trainer or
+    background worker of their own exists."""
+    if c.shared_models:
+        device = min(1.0, c.sampler_gpus + c.trainer_gpus + c.background_gpus)
+        return {"samplers": device, "trainers": 0.0, "backgrounds": 0.0, "refiners": 0.0}
     return {"samplers": c.sampler_gpus, "trainers": c.trainer_gpus,
             "backgrounds": c.background_gpus, "refiners": 0.0}  # fmt: skip
 
@@ -128,6 +133,8 @@ def plan_pools(
         stage_s: Measured seconds of the ``training`` and ``background`` stages (their ratio
             splits the prepare workers); :data:`STAGE_S` until measured.
     """
+    if c.shared_models:
+        return _plan_shared(backlog, resources, c)
     share = shares(c)
     times = {**STAGE_S, **(stage_s or {})}
     prep = backlog.to_prepare
@@ -175,6 +182,30 @@ def plan_pools(
         return Plan(counts, max(1, 2 * (counts["trainers"] + counts["backgrounds"])), wanted,
                     bundles)  # fmt: skip
     return Plan(counts, limit, wanted, bundles)
+
+
+def _plan_shared(backlog: Backlog, resources: Resources, c: ClusterConfig) -> Plan:
+    """``shared_models``: one pool of DeviceWorkers that sample, train and plate. The queue
+    wants a worker per full batch of ready frames plus one per render to prepare (within
+    ``max_prepare_workers``), within ``[min_samplers, max_samplers]``; free GPUs go to workers
+    while work is left (as step 3b). ``max_preparing`` (auto): one render per worker, so a
+    worker's frame batches wait behind at most one prepare stage."""
+    share = shares(c)["samplers"]
+    prep = backlog.to_prepare
+    need = math.ceil(backlog.rendering / c.max_batch) + min(prep, c.max_prepare_workers)
+    want = min(max(need, c.min_samplers), c.max_samplers)
+    if c.samplers != "auto":
+        count = want = c.samplers
+    else:
+        count = _fit(resources.gpus, share, want)
+        if backlog.total and share > 0:
+            left = resources.gpus - count * share
+            count += _fit(left, share, c.max_samplers - count)
+    refiners = c.refiners if c.refiners != "auto" else (min(4, math.ceil(prep / 32)) if prep else 1)
+    counts = {"samplers": count, "trainers": 0, "backgrounds": 0, "refiners": refiners}
+    bundles = [{"GPU": share} for _ in range(want)] if share > 0 else []
+    limit = max(1, count) if c.max_preparing == "auto" else c.max_preparing
+    return Plan(counts, limit, want * share, bundles)
 
 
 def check_gpus(c: ClusterConfig, gpus: float) -> None:

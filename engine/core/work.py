@@ -326,6 +326,10 @@ class SamplerState:
 
             remove_adapter(self.chain.parts.unet, name, text_encoder=self.chain.parts.text_encoder)
 
+    def adapters_in_use(self) -> set[str]:
+        """Names of the adapters that open sessions use."""
+        return {name for name in self._adapters.values() if name is not None}
+
     def memory(self) -> dict[str, int]:
         """Bytes held per open render (embeddings, plate and its latent, cached maps, adapter)."""
         out = {}

@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DCondi
 from engine.config import ModelConfig
 from engine.models.registry import (
     RANDOM_PRESETS,
+    SD15_UNET,
     DiffusionComponents,
     WeightsNotFoundError,
     random_unet_kwargs,
@@ -82,10 +83,18 @@ def _load_for(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditio
     return load_inpaint_unet(config, parts.dtype)
 
 
+def _sd15_random(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
+    """``sd15-random``: SD-1.5 inpainting's UNet architecture (9 input channels), seeded random."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        return UNet2DConditionModel(**SD15_UNET, in_channels=INPAINT_IN_CHANNELS)
+
+
 INPAINT_REGISTRY: dict[str, Callable[[ModelConfig, DiffusionComponents], UNet2DConditionModel]] = {
     "tiny": _random_for,
     "small": _random_for,
     "sd15": _load_for,
+    "sd15-random": _sd15_random,
     "micro": lambda config, parts: _micro_inpaint(config, parts),
 }
 

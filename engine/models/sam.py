@@ -161,11 +161,21 @@ def _load_configured(config: ModelConfig) -> Sam:
     return load_sam(config.sam_type, checkpoint, resolve_device(config.device))
 
 
+def _random_official(config: ModelConfig) -> Sam:
+    """``sd15-random``: the official ``model.sam_type`` architecture (vit_h: 636 M parameters)
+    with seeded random weights, float32."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 3)
+        sam = sam_model_registry[config.sam_type](checkpoint=None)
+    return sam.to(resolve_device(config.device)).eval().requires_grad_(False)
+
+
 SAM_REGISTRY: dict[str, Callable[[ModelConfig], Sam]] = {
     "tiny": _build_random_from,
     "small": _build_random_from,
     "micro": _build_random_from,  # random: micro's default background.mask_source is pose
     "sd15": _load_configured,
+    "sd15-random": _random_official,
 }
 
 
