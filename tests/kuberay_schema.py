@@ -23,6 +23,7 @@ Regenerate a stored schema from a CRD file of the kuberay repository with
 from __future__ import annotations
 
 import copy
+import functools
 import gzip
 import json
 import sys
@@ -71,12 +72,17 @@ def trim_crd(crd: dict[str, Any], version: str = "v1") -> dict[str, Any]:
     return drop(schema)
 
 
+@functools.cache
+def _stored(kind: str) -> str:
+    with gzip.open(DATA / f"{KINDS[kind]}.schema.json.gz", "rt") as f:
+        return f.read()
+
+
 def load_schema(kind: str) -> dict[str, Any]:
     """The stored (trimmed) CRD schema of a KubeRay kind: RayCluster, RayJob or RayService."""
     if kind not in KINDS:
         raise ValueError(f"no stored KubeRay schema for kind {kind!r}; have {sorted(KINDS)}")
-    with gzip.open(DATA / f"{KINDS[kind]}.schema.json.gz", "rt") as f:
-        return json.load(f)
+    return json.loads(_stored(kind))
 
 
 def strict(schema: dict[str, Any]) -> dict[str, Any]:
@@ -87,7 +93,7 @@ def strict(schema: dict[str, Any]) -> dict[str, Any]:
             return [walk(x) for x in node]
         if not isinstance(node, dict):
             return node
-        out = {k: walk(v) for k, v in node.items()}
+        out = {k: walk(v) for k, v in node.items() if k != "properties"}
         if "properties" in node:  # property names map to schemas, never keywords
             out["properties"] = {k: walk(v) for k, v in node["properties"].items()}
             keeps = node.get("x-kubernetes-preserve-unknown-fields") is True
@@ -111,7 +117,9 @@ def _list_type(validator: Any, kind: str, instance: Any, schema: dict[str, Any])
         else:
             ident = json.dumps(item, sort_keys=True)
         if ident in seen:
-            yield ValidationError(f"duplicate item in a list-type={kind} list (keys {keys}): {item}")
+            yield ValidationError(
+                f"duplicate item in a list-type={kind} list (keys {keys}): {item}"
+            )
         seen.add(ident)
 
 
@@ -169,7 +177,9 @@ def core_schema(kind: str) -> dict[str, Any]:
             spec=volume["ephemeral"]["properties"]["volumeClaimTemplate"]["properties"]["spec"],
         ),
         "Service": _object("v1", "Service", spec=head["headService"]["properties"]["spec"]),
-        "Secret": _object("v1", "Secret", type={"type": "string"}, data=strings, stringData=strings),
+        "Secret": _object(
+            "v1", "Secret", type={"type": "string"}, data=strings, stringData=strings
+        ),
         "Deployment": _object(
             "apps/v1",
             "Deployment",
@@ -213,13 +223,12 @@ def strict_serve_schema() -> dict[str, Any]:
             return [walk(x) for x in node]
         if not isinstance(node, dict):
             return node
-        out = {k: walk(v) for k, v in node.items()}
+        out = {k: walk(v) for k, v in node.items() if k != "properties"}
         if "properties" in node:
             out["properties"] = {k: walk(v) for k, v in node["properties"].items()}
             out.setdefault("additionalProperties", False)
-        branches = node.get("anyOf", [])
-        if any("$ref" in b for b in branches):  # drop the open-dict alternative of a model
-            out["anyOf"] = [walk(b) for b in branches if b.get("additionalProperties") is not True]
+        if any("$ref" in b for b in out.get("anyOf", [])):  # drop a model's open-dict alternative
+            out["anyOf"] = [b for b in out["anyOf"] if b.get("additionalProperties") is not True]
         return out
 
     return walk(ServeDeploySchema.model_json_schema())
