@@ -85,23 +85,29 @@ def load_schema(kind: str) -> dict[str, Any]:
     return json.loads(_stored(kind))
 
 
+def _closed(node: Any, models: bool = False) -> Any:
+    """``node`` with ``additionalProperties: false`` on every object schema that lists
+    ``properties`` and says nothing else about other keys (``additionalProperties`` or
+    ``x-kubernetes-preserve-unknown-fields: true``). ``models``: also drop the open-dict
+    alternative of an ``anyOf`` that names a model (``$ref``), so the model's fields are checked."""
+    if isinstance(node, list):
+        return [_closed(x, models) for x in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _closed(v, models) for k, v in node.items() if k != "properties"}
+    if "properties" in node:  # property names map to schemas, never keywords
+        out["properties"] = {k: _closed(v, models) for k, v in node["properties"].items()}
+        keeps = node.get("x-kubernetes-preserve-unknown-fields") is True
+        if "additionalProperties" not in node and not keeps:
+            out["additionalProperties"] = False
+    if models and any("$ref" in b for b in out.get("anyOf", [])):
+        out["anyOf"] = [b for b in out["anyOf"] if b.get("additionalProperties") is not True]
+    return out
+
+
 def strict(schema: dict[str, Any]) -> dict[str, Any]:
     """A copy of a CRD schema that refuses what a strict ``kubectl apply`` refuses (module doc)."""
-
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(x) for x in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: walk(v) for k, v in node.items() if k != "properties"}
-        if "properties" in node:  # property names map to schemas, never keywords
-            out["properties"] = {k: walk(v) for k, v in node["properties"].items()}
-            keeps = node.get("x-kubernetes-preserve-unknown-fields") is True
-            if "additionalProperties" not in node and not keeps:
-                out["additionalProperties"] = False
-        return out
-
-    out = walk(schema)
+    out = _closed(schema)
     out["properties"]["metadata"] = OBJECT_META
     return out
 
@@ -218,20 +224,7 @@ def strict_serve_schema() -> dict[str, Any]:
     ``autoscaling_config``) must match the model."""
     from ray.serve.schema import ServeDeploySchema
 
-    def walk(node: Any) -> Any:
-        if isinstance(node, list):
-            return [walk(x) for x in node]
-        if not isinstance(node, dict):
-            return node
-        out = {k: walk(v) for k, v in node.items() if k != "properties"}
-        if "properties" in node:
-            out["properties"] = {k: walk(v) for k, v in node["properties"].items()}
-            out.setdefault("additionalProperties", False)
-        if any("$ref" in b for b in out.get("anyOf", [])):  # drop a model's open-dict alternative
-            out["anyOf"] = [b for b in out["anyOf"] if b.get("additionalProperties") is not True]
-        return out
-
-    return walk(ServeDeploySchema.model_json_schema())
+    return _closed(ServeDeploySchema.model_json_schema(), models=True)
 
 
 def errors(manifest: dict[str, Any], schema: dict[str, Any] | None = None) -> list[str]:
