@@ -34,7 +34,7 @@ from engine.core.encode import decode_png  # noqa: E402
 from engine.pose import save_poses_json, synthetic_dance  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-FRAMES, RENDERS = 4, 3
+FRAMES, RENDERS = 3, 3
 
 # The first head: connects to the cluster, runs the core with the Ray executor until killed.
 _HEAD = """

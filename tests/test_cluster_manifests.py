@@ -150,6 +150,15 @@ def test_serve_config_matches_rays_schema() -> None:
     assert errors(broken, strict_serve_schema()), "a misspelt autoscaling key passed"
 
 
+def test_serve_yaml_matches_rays_schema() -> None:
+    """The local Serve config (serve.yaml) passes the same strict Serve schema."""
+    from ray.serve.schema import ServeDeploySchema
+
+    config = _docs("serve.yaml")[0]
+    ServeDeploySchema.model_validate(config)
+    assert errors(config, strict_serve_schema()) == []
+
+
 def test_ingress_autoscales_2_to_4() -> None:
     (app,) = _serve_config()["applications"]
     ingress = next(d for d in app["deployments"] if d["name"] == "Ingress")
