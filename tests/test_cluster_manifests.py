@@ -130,6 +130,28 @@ def test_schema_refuses_duplicate_list_map_keys() -> None:
     assert any("duplicate item" in e for e in errors(doc)), errors(doc)
 
 
+def test_strict_keeps_what_kubernetes_keeps() -> None:
+    """Objects marked x-kubernetes-preserve-unknown-fields and maps (additionalProperties) keep
+    unknown keys; other objects with properties refuse them; transition rules pass on create."""
+    from tests.kuberay_schema import strict
+
+    obj = {"type": "object", "properties": {"a": {"type": "string"}}}
+    schema = strict({
+        "type": "object",
+        "properties": {
+            "metadata": {"type": "object"},
+            "open": {**obj, "x-kubernetes-preserve-unknown-fields": True},
+            "map": {"type": "object", "additionalProperties": {"type": "string"}},
+            "closed": obj,
+            "immutable": {"type": "string",
+                          "x-kubernetes-validations": [{"rule": "self == oldSelf"}]},
+        },
+    })  # fmt: skip
+    ok = {"metadata": {"name": "x"}, "open": {"b": 1}, "map": {"b": "c"}, "immutable": "v"}
+    assert errors(ok, schema) == []
+    assert any("'b' was unexpected" in e for e in errors({**ok, "closed": {"b": 1}}, schema))
+
+
 # --- the Serve config inside the RayService ----------------------------------------------------
 
 
