@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine.config import ConfigError, ModelConfig
+from engine.models.components import DiffusionComponents
 from engine.models.errors import WeightsNotFoundError
 from engine.models.tokenizer import build_offline_tokenizer, clip_text_encoder
 
@@ -34,29 +34,6 @@ SD_SCHEDULER = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
-
-
-@dataclass
-class DiffusionComponents:
-    """The resident models of the frame chain, on one device and dtype."""
-
-    unet: UNet2DConditionModel
-    controlnet: ControlNetModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
-    device: torch.device
-    dtype: torch.dtype
-    name: str
-    """Provenance: the preset and the weights' ids (recorded in manifests and cache keys)."""
-    backend: str = "eager"
-    """``model.backend``: how the denoise step runs (engine/accel, :func:`engine.accel.step_for`)."""
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixel-to-latent downsampling factor (8 for SD)."""
-        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
 
 
 # Architectures of the random-weight presets. Same block types as SD-1.x, fewer channels.
@@ -82,7 +59,7 @@ _ARCH: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["WeightsNotFoundError"]
+__all__ = ["DiffusionComponents", "WeightsNotFoundError"]
 
 
 def model_name(config: ModelConfig) -> str:
@@ -98,8 +75,14 @@ def model_name(config: ModelConfig) -> str:
         from engine.micro.arch import weights_digest
 
         return f"micro:{weights_digest()}"
-    if config.preset == "sd15-random":
-        return f"sd15-random-seed{config.seed}-{config.dtype}"
+    if config.preset == "sdxl":
+        from engine.models.sources import weights_id
+
+        return (
+            f"sdxl:{weights_id(config.base, 'base')}+{weights_id(config.controlnet, 'controlnet')}"
+        )
+    if config.preset in ("sd15-random", "sdxl-random", "sdxl-tiny"):
+        return f"{config.preset}-seed{config.seed}-{config.dtype}"
     return f"{config.preset}-random-seed{config.seed}"
 
 
@@ -256,7 +239,7 @@ def _random_parts(
     dtype: torch.dtype,
 ) -> DiffusionComponents:
     """Random-weight models with SD's DDIM schedule, moved to ``model.device``."""
-    return _finish(
+    return finish(
         DiffusionComponents(
             unet=unet,
             controlnet=controlnet,
@@ -276,8 +259,9 @@ def _random_text_encoder(tokenizer: CLIPTokenizer, text: dict[str, int]) -> CLIP
     return clip_text_encoder(tokenizer, text)
 
 
-def _finish(parts: DiffusionComponents) -> DiffusionComponents:
-    for module in (parts.unet, parts.controlnet, parts.vae, parts.text_encoder):
+def finish(parts: DiffusionComponents) -> DiffusionComponents:
+    """Move every model of ``parts`` to its device, eval mode, frozen."""
+    for module in (parts.unet, parts.controlnet, parts.vae, *parts.text_encoders()):
         module.to(parts.device)  # type: ignore[call-arg,arg-type]  # dtype set at build time
         module.eval()
         module.requires_grad_(False)
@@ -304,7 +288,7 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
         dtype=dtype,
         name=f"sd15:{base.digest[:16]}+{control_digest[:16]}",  # = model_name(config)
     )
-    return _finish(parts)
+    return finish(parts)
 
 
 def load_micro(config: ModelConfig) -> DiffusionComponents:
@@ -331,7 +315,7 @@ def load_micro(config: ModelConfig) -> DiffusionComponents:
         dtype=torch.float32,
         name=model_name(config),
     )
-    return _finish(parts)
+    return finish(parts)
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,7 +329,16 @@ def micro_weights() -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]
         raise WeightsNotFoundError(str(e)) from None
 
 
+def _sdxl(config: ModelConfig) -> DiffusionComponents:
+    from engine.models.sdxl import build_sdxl_random, load_sdxl
+
+    return load_sdxl(config) if config.preset == "sdxl" else build_sdxl_random(config)
+
+
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionComponents]] = {
+    "sdxl": _sdxl,
+    "sdxl-random": _sdxl,
+    "sdxl-tiny": _sdxl,
     "tiny": build_random,
     "small": build_random,
     "sd15": load_sd15,

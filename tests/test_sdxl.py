@@ -1,0 +1,135 @@
+"""SDXL + an SDXL OpenPose ControlNet (``sdxl`` / ``sdxl-tiny``): the frame chain equals diffusers'
+own StableDiffusionXLControlNetPipeline on the same weights and seed, per-row LoRA in mixed
+batches equals each row alone, and a single-file SDXL checkpoint renders the folder's frame."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sdxl_layouts import write_xl_layouts
+from test_batching import settings
+
+from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config, remove_lora
+from engine.batching import BatchDenoiser, FrameJob, denoise_frame
+from engine.chain import FrameChain
+from engine.config import load_config
+from engine.models.registry import build_components
+from engine.pose.draw import render_pose_map
+from engine.pose.synth import synthetic_dance
+
+TOL = 1e-5
+"""Max abs latent error vs diffusers' pipeline (fp32, CPU, the same ops; batches differ)."""
+SIZE = 64
+PROMPT, NEGATIVE = "a dancer in a red dress", "blurry"
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    return write_xl_layouts(tmp_path_factory.mktemp("sdxl"))
+
+
+def sdxl_chain(base, controlnet, **extra) -> FrameChain:
+    overrides = [
+        f"model.base={base}",
+        f"model.controlnet={controlnet}",
+        "model.device=cpu",
+        "model.offline=true",
+        "model.dtype=float32",
+    ] + [f"model.{k}={v}" for k, v in extra.items()]
+    config = load_config(None, preset="sdxl", overrides=overrides)
+    return FrameChain(build_components(config.model))
+
+
+@pytest.fixture(scope="module")
+def chain(layouts) -> FrameChain:
+    return sdxl_chain(layouts["folder"], layouts["controlnet"])
+
+
+def pose_maps(n: int = 2) -> list[np.ndarray]:
+    seq = synthetic_dance(frames=n, fps=8, width=SIZE, height=SIZE)
+    return [render_pose_map(k, SIZE, SIZE) for k in seq.keypoints]
+
+
+def render(chain: FrameChain, pose: np.ndarray, seed: int = 7, steps: int = 3) -> torch.Tensor:
+    text = chain.encode_prompt(PROMPT, NEGATIVE)
+    return denoise_frame(
+        chain,
+        index=0,
+        seed=seed,
+        pose=chain.image_tensor(pose),
+        text=text,
+        settings=settings("none", steps=steps),
+    )
+
+
+def test_sdxl_frame_equals_diffusers_pipeline(chain):
+    """One frame of the chain (DDIM, CFG 7.5, ControlNet scale 1, time_ids for 64²) = diffusers'
+    StableDiffusionXLControlNetPipeline's latents with the same components, noise and steps."""
+    from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
+    from PIL import Image
+
+    parts = chain.parts
+    pose = pose_maps(1)[0]
+    pipe = StableDiffusionXLControlNetPipeline(
+        vae=parts.vae,
+        text_encoder=parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
+        tokenizer=parts.tokenizer,
+        tokenizer_2=parts.tokenizer_2,
+        unet=parts.unet,
+        controlnet=parts.controlnet,
+        scheduler=DDIMScheduler.from_config(chain.scheduler.config),
+        add_watermarker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(
+        PROMPT,
+        negative_prompt=NEGATIVE,
+        image=Image.fromarray(pose),
+        height=SIZE,
+        width=SIZE,
+        num_inference_steps=3,
+        guidance_scale=7.5,
+        latents=chain.initial_noise(7, 0, SIZE, SIZE),
+        output_type="latent",
+    ).images
+    got = render(chain, pose)
+    err = (got - expected).abs().max().item()
+    assert err < TOL, f"max abs latent error {err:.2e} vs diffusers' SDXL ControlNet pipeline"
+    assert chain.parts.is_sdxl and chain.encode_prompt(PROMPT, NEGATIVE).shape[1] == 78
+
+
+def test_single_file_sdxl_renders_the_folders_frame(chain, layouts):
+    """A single-file SDXL checkpoint (Stability's key layout, configs from the folder) loads
+    the same weights: the same frame, bit for bit."""
+    single = sdxl_chain(layouts["single"], layouts["controlnet"], base_config=layouts["folder"])
+    pose = pose_maps(1)[0]
+    assert torch.equal(render(single, pose), render(chain, pose))
+    assert single.parts.name.startswith("sdxl:") and single.parts.name != chain.parts.name
+
+
+def test_sdxl_mixed_lora_batch_equals_rows_alone(chain):
+    """Frames of two characters (one with a LoRA, one without) in one batch = each alone, with
+    SDXL's pooled + time_ids conditioning carried per row."""
+    unet = chain.parts.unet
+    add_lora(unet, lora_config(4, 4, UNET_TARGETS), "xl_char")
+    g = torch.Generator().manual_seed(0)
+    for name, p in unet.named_parameters():
+        if "lora_B.xl_char." in name:
+            p.data.normal_(0.0, 0.2, generator=g)
+    try:
+        poses = [chain.image_tensor(p) for p in pose_maps(2)]
+        texts = [chain.encode_prompt(p, NEGATIVE) for p in (PROMPT, "a robot dancing")]
+        jobs = [
+            FrameJob(0, 11, poses[0], texts[0], settings("none", steps=2), adapter="xl_char"),
+            FrameJob(1, 22, poses[1], texts[1], settings("none", steps=2, guidance=3.0)),
+        ]
+        together = BatchDenoiser(chain).denoise(jobs)
+        alone = [BatchDenoiser(chain).denoise([job])[0] for job in jobs]
+        for a, b in zip(together, alone, strict=True):
+            assert (a - b).abs().max().item() < TOL
+        base = BatchDenoiser(chain).denoise([FrameJob(**{**jobs[0].__dict__, "adapter": None})])
+        assert (base[0] - alone[0]).abs().max().item() > 1e-3  # the LoRA changes the frame
+    finally:
+        remove_lora(unet, "xl_char")
