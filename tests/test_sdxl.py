@@ -133,3 +133,33 @@ def test_sdxl_mixed_lora_batch_equals_rows_alone(chain):
         assert (base[0] - alone[0]).abs().max().item() > 1e-3  # the LoRA changes the frame
     finally:
         remove_lora(unet, "xl_char")
+
+
+@torch.no_grad()
+def test_sdxl_deep_cache_shallow_branch_is_the_whole_step(chain):
+    """DeepCache's shallow branch carries SDXL's added conditioning (pooled + time_ids in the
+    time embedding of ControlNet and UNet): on this step's own deep features it is the step."""
+    from engine.accel import DeepFeatures, EagerStep, StepInputs
+
+    g = torch.Generator().manual_seed(3)
+    text = torch.cat([chain.encode_prompt(PROMPT, NEGATIVE), chain.encode_prompt("a robot", "")])
+    inputs = StepInputs(
+        sample=torch.randn(4, 4, 8, 8, generator=g),
+        timestep=torch.tensor([900, 900, 400, 400]),
+        text=text,
+        pose=torch.rand(4, 3, SIZE, SIZE, generator=g),
+        control_scale=torch.ones(4, 1, 1, 1),
+        ref_index=None,
+        include_self=True,
+        adapters=[None] * 4,
+    )
+    step = EagerStep(chain.parts, chain.context)
+    whole = step(inputs)
+    key = DeepFeatures()
+    step(StepInputs(**{**inputs.__dict__, "deep": key}))
+    shallow = step(StepInputs(**{**inputs.__dict__, "deep": DeepFeatures(reuse=key.kept)}))
+    assert (shallow - whole).abs().max().item() < TOL
+    pooled_off = text.clone()
+    pooled_off[:, -1] = 0  # without the pooled embedding the step differs: it is used
+    off = step(StepInputs(**{**inputs.__dict__, "text": pooled_off}))
+    assert (off - whole).abs().max().item() > 1e-3
