@@ -116,3 +116,30 @@ def write_xl_layouts(root: Path, seed: int = 0) -> dict[str, Path]:
     parts.controlnet.save_pretrained(root / "sdxl-controlnet")
     single = write_single_file(xl_single_file(parts), root / "sdxl-single.safetensors")
     return {"folder": folder, "controlnet": root / "sdxl-controlnet", "single": single}
+
+
+def kohya_xl_lora(
+    unet: torch.nn.Module, text_encoder: torch.nn.Module, *, rank: int = 4, seed: int = 0
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A random kohya-format SDXL LoRA: the UNet's attention projections under their diffusers
+    module paths (``lora_unet_down_blocks_1_attentions_0_…_attn1_to_q``), the first text
+    encoder's self-attention as ``lora_te1_text_model_…``; alpha = rank / 2. Also returns
+    {kohya key prefix: diffusers module name} for a reference injection. (kohya's LDM block
+    names, ``lora_unet_input_blocks_4_1_…``, did not convert through diffusers 0.42 on this toy
+    architecture: not covered.)"""
+    gen = torch.Generator().manual_seed(seed)
+    out: dict[str, torch.Tensor] = {}
+    names: dict[str, str] = {}
+    ends = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+    modules = [("lora_unet_", n, m) for n, m in unet.named_modules()]
+    modules += [("lora_te1_", n, m) for n, m in text_encoder.named_modules()]
+    for prefix, name, module in modules:
+        if not (isinstance(module, torch.nn.Linear) and name.endswith(ends)):
+            continue
+        path = name if prefix == "lora_unet_" else _text_key(name)
+        key = prefix + path.replace(".", "_")
+        out[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.05
+        out[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.05
+        out[f"{key}.alpha"] = torch.tensor(rank / 2)
+        names[key] = name
+    return out, names

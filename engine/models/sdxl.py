@@ -87,7 +87,7 @@ TINY_UNET: dict[str, Any] = {
     **SDXL_UNET,
     "sample_size": 8,
     "block_out_channels": (32, 64, 64),
-    "layers_per_block": 1,
+    "layers_per_block": 2,
     "attention_head_dim": (2, 4, 4),
     "transformer_layers_per_block": (1, 1, 2),
     "cross_attention_dim": 96,
