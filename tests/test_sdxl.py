@@ -217,3 +217,34 @@ def test_kohya_sdxl_lora_equals_peft_injection(chain, tmp_path):
     ids = torch.randint(0, 300, (2, 77), generator=g)
     assert (text(ids)[0] - ref_text(ids)[0]).abs().max() < 1e-4
     assert (text(ids)[0] - parts.text_encoder(ids)[0]).abs().max() > 1e-2
+
+
+def check_lines(**model) -> dict[str, str]:
+    from engine.models.check import check_models
+
+    sets = [f"model.{k}={v}" for k, v in {"dtype": "float32", "device": "cpu", **model}.items()]
+    preset = "sdxl-random" if "preset" in model else "sdxl"
+    lines = check_models(load_config(None, preset=preset, overrides=sets))
+    return {line.component: str(line) for line in lines}
+
+
+def test_models_check_knows_sdxl(layouts, tmp_path):
+    """`avatar models check`: SDXL folders and single files are recognised, an SD-1.x folder or
+    a ControlNet of another width is a problem line, and sdxl-random reports SDXL base 1.0's
+    parameter counts from the shipped configs (meta device)."""
+    folder = check_lines(base=layouts["folder"], controlnet=layouts["controlnet"])
+    assert folder["model.base"].startswith("ok") and "SDXL" in folder["model.base"]
+    assert folder["model.controlnet"].startswith("ok")
+    single = check_lines(
+        base=layouts["single"], base_config=layouts["folder"], controlnet=layouts["controlnet"]
+    )
+    assert single["model.base"].startswith("ok") and "14." in single["model.base"]
+    from engine.models.sources import shipped_config
+
+    sd15 = check_lines(base=shipped_config("sd15"), controlnet=layouts["controlnet"])
+    assert sd15["model.base"].startswith("problem") and "not an SDXL" in sd15["model.base"]
+    wrong = check_lines(base=shipped_config("sdxl"), controlnet=layouts["controlnet"])
+    assert wrong["model.controlnet"].startswith("problem") and "96" in wrong["model.controlnet"]
+    real = check_lines(preset="sdxl-random")["model.preset"]
+    for count in ("2,567,463,684", "1,251,014,160", "123,060,480", "694,659,840"):
+        assert count in real

@@ -22,6 +22,8 @@ SD1_CONTEXT = 768
 """Text-embedding width of SD-1.x (CLIP ViT-L/14): the cross-attention input of its UNets."""
 _SAM_WIDTH = {768: "vit_b", 1024: "vit_l", 1280: "vit_h"}
 _UNET_K = "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+_XL_K = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+_XL_LDM_K = "input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight"
 
 
 @dataclass
@@ -163,6 +165,8 @@ def _check_controlnet(config: ModelConfig, context: int) -> Line:
         tensors.shape(f"control_model.{_UNET_K}")
         or tensors.shape(_UNET_K)
         or tensors.shape("down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight")
+        or tensors.shape(_XL_K)  # SDXL: no attention in the first down block
+        or tensors.shape(f"control_model.{_XL_LDM_K}")
     )
     hint = any(
         "input_hint_block" in key or "controlnet_cond_embedding" in key for key in tensors.shapes
@@ -314,6 +318,10 @@ def check_models(config: RenderConfig) -> list[Line]:
         lines.append(Line("model.dtype", True, f"{model.dtype} on {device.type}"))
     except (ConfigError, RuntimeError) as e:
         lines.append(Line("model.dtype", False, str(e)))
+    if model.preset.startswith("sdxl"):
+        from engine.models.check_sdxl import check_sdxl
+
+        return check_sdxl(config, lines)
     if model.preset != "sd15":  # the other presets build or ship their own weights
         random = model.preset in (*RANDOM_PRESETS, "sd15-random")
         what = "random weights built in code" if random else "its own weights, no files named"
