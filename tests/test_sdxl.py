@@ -4,6 +4,8 @@ batches equals each row alone, and a single-file SDXL checkpoint renders the fol
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -248,3 +250,42 @@ def test_models_check_knows_sdxl(layouts, tmp_path):
     real = check_lines(preset="sdxl-random")["model.preset"]
     for count in ("2,567,463,684", "1,251,014,160", "123,060,480", "694,659,840"):
         assert count in real
+
+
+@torch.no_grad()
+@pytest.mark.skipif(
+    not os.environ.get("AVATAR_SLOW_TESTS"),
+    reason="exporting the sdxl-tiny step to ONNX takes ≈60 s on 2 cores; AVATAR_SLOW_TESTS=1",
+)
+def test_sdxl_onnx_step_equals_eager(chain, tmp_path):
+    """The exported ONNX step (SDXL's pooled + time_ids split inside the graph) equals eager at
+    two batch sizes from one export, with kv references and a per-row LoRA as runtime inputs."""
+    pytest.importorskip("onnxruntime", reason="the onnx extra is not installed")
+    from engine.accel import EagerStep, StepInputs, make_step
+
+    unet = chain.parts.unet
+    add_lora(unet, lora_config(4, 4, UNET_TARGETS), "xl_onnx")
+    g = torch.Generator().manual_seed(5)
+    for name, p in unet.named_parameters():
+        if "lora_B.xl_onnx." in name:
+            p.data.normal_(0.0, 0.2, generator=g)
+    text = torch.cat([chain.encode_prompt(p, NEGATIVE) for p in (PROMPT, "a robot", "a cat")])
+    try:
+        step = make_step("onnx", chain.parts, chain.context, cache_dir=tmp_path)
+        eager = EagerStep(chain.parts, chain.context)
+        for rows in (3, 6):
+            inputs = StepInputs(
+                sample=torch.randn(rows, 4, 8, 8, generator=g),
+                timestep=torch.randint(1, 999, (rows,), generator=g),
+                text=text[torch.arange(rows) % 6],
+                pose=torch.rand(rows, 3, SIZE, SIZE, generator=g),
+                control_scale=torch.ones(rows, 1, 1, 1),
+                ref_index=torch.randint(0, rows, (rows, 2), generator=g),
+                include_self=True,
+                adapters=["xl_onnx" if i % 2 else None for i in range(rows)],
+            )
+            err = (step(inputs) - eager(inputs)).abs().max().item()
+            assert err < 1e-4, f"batch {rows}: max abs error {err:.2e} vs eager"
+        assert len(list((tmp_path / "onnx").iterdir())) == 1  # one graph for both batch sizes
+    finally:
+        remove_lora(unet, "xl_onnx")
