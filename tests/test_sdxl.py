@@ -289,3 +289,10 @@ def test_sdxl_onnx_step_equals_eager(chain, tmp_path):
         assert len(list((tmp_path / "onnx").iterdir())) == 1  # one graph for both batch sizes
     finally:
         remove_lora(unet, "xl_onnx")
+
+
+def test_tensorrt_refuses_sdxl_in_one_line(chain):
+    from engine.accel import make_step
+
+    with pytest.raises(RuntimeError, match="not verified for SDXL.*model.backend=onnx or eager"):
+        make_step("tensorrt", chain.parts, chain.context)
