@@ -23,6 +23,7 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 from weights_layouts import _sd, unet_to_ldm, vae_to_ldm, write_single_file
 
 from engine.config import ModelConfig
+from engine.models.inpaint import random_xl_inpaint_unet
 from engine.models.registry import DiffusionComponents, build_components
 
 
@@ -110,12 +111,20 @@ def xl_single_file(parts: DiffusionComponents) -> dict[str, torch.Tensor]:
 
 
 def write_xl_layouts(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Folder, ControlNet folder and single ``.safetensors`` of ``sdxl-tiny`` under ``root``."""
+    """Folder, ControlNet folder, single ``.safetensors`` and a 9-channel inpainting UNet folder
+    (SDXL inpainting 0.1's layout) of ``sdxl-tiny`` under ``root``."""
     parts = tiny_xl_parts(seed)
     folder = write_xl_folder(parts, root / "sdxl")
     parts.controlnet.save_pretrained(root / "sdxl-controlnet")
     single = write_single_file(xl_single_file(parts), root / "sdxl-single.safetensors")
-    return {"folder": folder, "controlnet": root / "sdxl-controlnet", "single": single}
+    inpaint = random_xl_inpaint_unet(ModelConfig(preset="sdxl-tiny", seed=seed))
+    inpaint.save_pretrained(root / "sdxl-inpaint" / "unet")
+    return {
+        "folder": folder,
+        "controlnet": root / "sdxl-controlnet",
+        "single": single,
+        "inpaint": root / "sdxl-inpaint",
+    }
 
 
 def kohya_xl_lora(

@@ -294,5 +294,47 @@ def test_sdxl_onnx_step_equals_eager(chain, tmp_path):
 def test_tensorrt_refuses_sdxl_in_one_line(chain):
     from engine.accel import make_step
 
-    with pytest.raises(RuntimeError, match="not verified for SDXL.*model.backend=onnx or eager"):
+    with pytest.raises(RuntimeError, match=r"not verified for SDXL.*model.backend=onnx or eager"):
         make_step("tensorrt", chain.parts, chain.context)
+
+
+def test_sdxl_whole_method_from_the_folder_layouts(layouts, tmp_path):
+    """The whole method on SDXL weights in the real layouts: references + LoRA training (UNet
+    and text encoder) with SDXL's conditioning, the plate through StableDiffusionXLInpaintPipeline
+    with a 9-channel SDXL inpainting UNet, and the kv chain."""
+    import json
+
+    from engine.pose import save_poses_json
+    from engine.render import render
+
+    poses = save_poses_json(
+        synthetic_dance(frames=2, fps=8, width=SIZE, height=SIZE), tmp_path / "p.json"
+    )
+    overrides = [
+        f"poses={poses}",
+        f"prompt={PROMPT}",
+        f"width={SIZE}",
+        f"height={SIZE}",
+        "sampler.steps=2",
+        "model.device=cpu",
+        "model.dtype=float32",
+        "model.offline=true",
+        f"model.base={layouts['folder']}",
+        f"model.controlnet={layouts['controlnet']}",
+        f"model.inpaint={layouts['inpaint']}",
+        "alignment.intra_frame=true",
+        "alignment.background=true",
+        "alignment.inter_frame=kv",
+        "appearance.references=2",
+        "appearance.steps=3",
+        f"appearance.resolution={SIZE}",
+        "appearance.train_text_encoder=true",
+        "background.mask_source=pose",
+        "background.inpaint_steps=2",
+        "output.contact_sheet=false",
+    ]
+    result = render(load_config(None, preset="sdxl", overrides=overrides), tmp_path / "out")
+    assert result.frames == 2
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert "sdxl:" in json.dumps(manifest)
+    assert list((tmp_path / "out" / "plate").glob("*.png"))

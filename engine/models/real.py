@@ -230,14 +230,16 @@ def load_controlnet(
     return model, content_digest(path)
 
 
-def load_inpaint(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
+def load_inpaint(
+    config: ModelConfig, dtype: torch.dtype, shipped: str = "sd15-inpainting"
+) -> UNet2DConditionModel:
     """The UNet of the SD inpainting checkpoint ``model.inpaint`` (a folder's ``unet/`` or the
-    UNet of a single file)."""
+    UNet of a single file, against ``model.inpaint_config`` or ``configs/models/<shipped>``)."""
     source = local_source(config, "inpaint", "SD inpainting checkpoint")
     check_variant(config, "inpaint", source)
     path = Path(source.location)
     if source.kind == "file":
-        configs = config_folder(config, "inpaint", "sd15-inpainting")
+        configs = config_folder(config, "inpaint", shipped)
         return _from_single_file(
             UNet2DConditionModel, path, configs, "inpaint", dtype, subfolder="unet"
         )
