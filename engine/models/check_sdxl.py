@@ -124,6 +124,9 @@ def check_sdxl(config: RenderConfig, lines: list[Line]) -> list[Line]:
     lines.append(_check_controlnet(model, context))
     if config.alignment.intra_frame and config.appearance.lora:
         lines.append(_check_lora(config.appearance.lora, context, model))
+    if config.alignment.background:
+        text = "not inspected by this check for SDXL: loaded, and its 9 input channels checked, "
+        lines.append(Line("model.inpaint", True, text + "when the plate is made"))
     for field in ("base_config", "controlnet_config"):
         value = getattr(model, field)
         if value is not None:
