@@ -128,15 +128,22 @@ def write_xl_layouts(root: Path, seed: int = 0) -> dict[str, Path]:
 
 
 def kohya_xl_lora(
-    unet: torch.nn.Module, text_encoder: torch.nn.Module, *, rank: int = 4, seed: int = 0
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    diffusers_names: bool = False,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A random kohya-format SDXL LoRA: the UNet's attention projections under their diffusers
-    module paths (``lora_unet_down_blocks_1_attentions_0_…_attn1_to_q``), the first text
-    encoder's self-attention as ``lora_te1_text_model_…``; alpha = rank / 2. Also returns
-    {kohya key prefix: diffusers module name} for a reference injection. (kohya's LDM block
-    names, ``lora_unet_input_blocks_4_1_…``, did not convert through diffusers 0.42 on this toy
-    architecture: not covered.)"""
+    """A random kohya-sd-scripts SDXL LoRA: the UNet's attention projections under their SGM
+    (LDM) block names (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), or with
+    ``diffusers_names`` under diffusers' module paths (``lora_unet_down_blocks_1_…``), and the
+    first text encoder's self-attention as ``lora_te1_text_model_…``; alpha = rank / 2. Also
+    returns {kohya key prefix: diffusers module name} for a reference injection."""
+    from weights_layouts import _rename, _unet_prefixes
+
     gen = torch.Generator().manual_seed(seed)
+    prefixes = _unet_prefixes(unet.config, down_only=False)
     out: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     ends = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
@@ -145,7 +152,10 @@ def kohya_xl_lora(
     for prefix, name, module in modules:
         if not (isinstance(module, torch.nn.Linear) and name.endswith(ends)):
             continue
-        path = name if prefix == "lora_unet_" else _text_key(name)
+        if prefix == "lora_te1_":
+            path = _text_key(name)
+        else:
+            path = name if diffusers_names else _rename(name, prefixes)
         key = prefix + path.replace(".", "_")
         out[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.05
         out[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.05

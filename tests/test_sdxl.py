@@ -168,8 +168,9 @@ def test_sdxl_deep_cache_shallow_branch_is_the_whole_step(chain):
 
 
 @torch.no_grad()
-def test_kohya_sdxl_lora_equals_peft_injection(chain, tmp_path):
-    """A kohya SDXL LoRA (lora_unet_, lora_te1_) imported through diffusers' SDXL converter
+@pytest.mark.parametrize("diffusers_names", [False, True], ids=["sgm-blocks", "diffusers-paths"])
+def test_kohya_sdxl_lora_equals_peft_injection(chain, tmp_path, diffusers_names):
+    """A kohya SDXL LoRA (lora_unet_ with SGM block names or diffusers paths, lora_te1_) imported through diffusers' SDXL converter
     and normalised: UNet (with SDXL's added conditioning) and text encoder outputs equal peft's
     own injection of the raw tensors within 1e-4."""
     import copy
@@ -183,7 +184,7 @@ def test_kohya_sdxl_lora_equals_peft_injection(chain, tmp_path):
     from engine.models.components import text_kwargs
 
     parts = chain.parts
-    lora, names = kohya_xl_lora(parts.unet, parts.text_encoder)
+    lora, names = kohya_xl_lora(parts.unet, parts.text_encoder, diffusers_names=diffusers_names)
     path = tmp_path / "xl_character.safetensors"
     save_file(lora, str(path))
     weights = import_lora(path, parts.unet, parts.text_encoder)

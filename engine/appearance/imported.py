@@ -65,8 +65,10 @@ def _load_diffusers(path: Path, unet: nn.Module, text_encoder: nn.Module) -> Non
     xl = uses_added_conditioning(unet)
     pipeline: Any = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
+    # unet_config: kohya's SGM block names (input_blocks_4_1_…) map by the UNet's layout, as
+    # the pipelines' own load_lora_weights does; without it they stay unconverted.
     state, alphas = pipeline.lora_state_dict(
-        str(folder), weight_name=weight_name, local_files_only=True
+        str(folder), weight_name=weight_name, local_files_only=True, unet_config=unet.config
     )
     if not any(k.startswith("unet.") for k in state):
         raise ValueError("it holds no UNet LoRA")
