@@ -339,3 +339,17 @@ def test_sdxl_whole_method_from_the_folder_layouts(layouts, tmp_path):
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert "sdxl:" in json.dumps(manifest)
     assert list((tmp_path / "out" / "plate").glob("*.png"))
+
+
+def test_sdxl_step_benchmark_writes_its_report(tmp_path):
+    """benchmarks.sdxl_step (the GPU lease's command) on sdxl-tiny: one timed step per size,
+    JSON + Markdown written."""
+    import json
+
+    from benchmarks.sdxl_step import main
+
+    main(["--out", str(tmp_path), "--preset", "sdxl-tiny", "--sizes", "64,128", "--repeats", "1"])
+    report = json.loads((tmp_path / "sdxl_step-sdxl-tiny.json").read_text())
+    assert [s["size"] for s in report["steps"]] == [64, 128]
+    assert all(s["median_s"] > 0 and s["rows"] == 2 for s in report["steps"])
+    assert "| 128² | 2 |" in (tmp_path / "sdxl_step-sdxl-tiny.md").read_text()
