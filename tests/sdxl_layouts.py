@@ -111,18 +111,21 @@ def xl_single_file(parts: DiffusionComponents) -> dict[str, torch.Tensor]:
 
 
 def write_xl_layouts(root: Path, seed: int = 0) -> dict[str, Path]:
-    """Folder, ControlNet folder, single ``.safetensors`` and a 9-channel inpainting UNet folder
-    (SDXL inpainting 0.1's layout) of ``sdxl-tiny`` under ``root``."""
+    """Folder, ControlNet folder, single ``.safetensors``, a single-file ControlNet in diffusers
+    keys (thibaud's ``OpenPoseXL2.safetensors``) and a 9-channel inpainting UNet folder (SDXL
+    inpainting 0.1's layout) of ``sdxl-tiny`` under ``root``."""
     parts = tiny_xl_parts(seed)
     folder = write_xl_folder(parts, root / "sdxl")
     parts.controlnet.save_pretrained(root / "sdxl-controlnet")
     single = write_single_file(xl_single_file(parts), root / "sdxl-single.safetensors")
+    control_file = write_single_file(_sd(parts.controlnet), root / "OpenPoseXL2.safetensors")
     inpaint = random_xl_inpaint_unet(ModelConfig(preset="sdxl-tiny", seed=seed))
     inpaint.save_pretrained(root / "sdxl-inpaint" / "unet")
     return {
         "folder": folder,
         "controlnet": root / "sdxl-controlnet",
         "single": single,
+        "controlnet_file": control_file,
         "inpaint": root / "sdxl-inpaint",
     }
 

@@ -103,9 +103,14 @@ def test_sdxl_frame_equals_diffusers_pipeline(chain):
 
 
 def test_single_file_sdxl_renders_the_folders_frame(chain, layouts):
-    """A single-file SDXL checkpoint (Stability's key layout, configs from the folder) loads
-    the same weights: the same frame, bit for bit."""
-    single = sdxl_chain(layouts["single"], layouts["controlnet"], base_config=layouts["folder"])
+    """A single-file SDXL checkpoint (Stability's key layout, configs from the folder) and a
+    single-file SDXL ControlNet load the same weights: the same frame, bit for bit."""
+    single = sdxl_chain(
+        layouts["single"],
+        layouts["controlnet_file"],
+        base_config=layouts["folder"],
+        controlnet_config=layouts["controlnet"],
+    )
     pose = pose_maps(1)[0]
     assert torch.equal(render(single, pose), render(chain, pose))
     assert single.parts.name.startswith("sdxl:") and single.parts.name != chain.parts.name
