@@ -240,9 +240,14 @@ def test_models_check_knows_sdxl(layouts, tmp_path):
     """`avatar models check`: SDXL folders and single files are recognised, an SD-1.x folder or
     a ControlNet of another width is a problem line, and sdxl-random reports SDXL base 1.0's
     parameter counts from the shipped configs (meta device)."""
-    folder = check_lines(base=layouts["folder"], controlnet=layouts["controlnet"])
+    folder = check_lines(
+        base=layouts["folder"], controlnet=layouts["controlnet"], inpaint=layouts["inpaint"]
+    )
     assert folder["model.base"].startswith("ok") and "SDXL" in folder["model.base"]
     assert folder["model.controlnet"].startswith("ok")
+    assert folder["model.inpaint"].startswith("ok"), folder["model.inpaint"]
+    text_to_image = check_lines(base=layouts["folder"], inpaint=layouts["folder"])
+    assert "4 input channels" in text_to_image["model.inpaint"]
     single = check_lines(
         base=layouts["single"], base_config=layouts["folder"], controlnet=layouts["controlnet"]
     )

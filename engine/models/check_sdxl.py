@@ -16,7 +16,16 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig, RenderConfig
-from engine.models.check import Line, _check_configs, _check_controlnet, _check_lora, _gb, _source
+from engine.models.check import (
+    _XL_K,
+    _XL_LDM_K,
+    Line,
+    _check_configs,
+    _check_controlnet,
+    _check_lora,
+    _gb,
+    _source,
+)
 from engine.models.sources import read_tensors, shipped_config
 
 SDXL_CONTEXT = 2048
@@ -99,6 +108,40 @@ def _check_base(model: ModelConfig) -> Line:
     return Line("model.base", True, f"folder {path.name}: SDXL, {_counts(path)}")
 
 
+def _check_inpaint(model: ModelConfig, context: int) -> Line:
+    """The plate's inpainting UNet: 9 input channels, ``text_time``, the base's context width."""
+    source = _source(model, "inpaint")
+    if isinstance(source, Line):
+        return source
+    path = Path(source.location)
+    fix = (
+        "fix: name an SDXL inpainting checkpoint (diffusers/stable-diffusion-xl-1.0-inpainting-0.1)"
+    )
+    if source.kind == "file":
+        tensors = read_tensors(path)
+        first = tensors.shape("model.diffusion_model.input_blocks.0.0.weight") or tensors.shape(
+            "conv_in.weight"
+        )
+        k = tensors.shape(f"model.diffusion_model.{_XL_LDM_K}") or tensors.shape(_XL_K)
+        found = (first[1] if first else None, k[1] if k else None)
+        kind = f"file {path.name}"
+    else:
+        unet = path / "unet" / "config.json"
+        if not unet.is_file():
+            return Line("model.inpaint", False, f"folder {path} has no unet/config.json; {fix}")
+        config = json.loads(unet.read_text())
+        found = (config.get("in_channels"), config.get("cross_attention_dim"))
+        kind = f"folder {path.name}"
+    if found != (9, context):
+        return Line(
+            "model.inpaint",
+            False,
+            f"{kind}: UNet with {found[0]} input channels and context {found[1]}, the plate needs "
+            f"9 and {context}; {fix}",
+        )
+    return Line("model.inpaint", True, f"{kind}: SDXL inpainting UNet (9 channels)")
+
+
 def _context(model: ModelConfig) -> int:
     """The text-context width of the base (its folder's or configs' ``unet/config.json``)."""
     for value in (model.base, model.base_config):
@@ -125,9 +168,8 @@ def check_sdxl(config: RenderConfig, lines: list[Line]) -> list[Line]:
     if config.alignment.intra_frame and config.appearance.lora:
         lines.append(_check_lora(config.appearance.lora, context, model))
     if config.alignment.background:
-        text = "not inspected by this check for SDXL: loaded, and its 9 input channels checked, "
-        lines.append(Line("model.inpaint", True, text + "when the plate is made"))
-    for field in ("base_config", "controlnet_config"):
+        lines.append(_check_inpaint(model, context))
+    for field in ("base_config", "controlnet_config", "inpaint_config"):
         value = getattr(model, field)
         if value is not None:
             lines.extend(_check_configs(field, value))
