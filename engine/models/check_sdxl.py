@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from engine.config import ModelConfig, RenderConfig
-from engine.models.check import (
+from engine.models.check_common import (
     _XL_K,
     _XL_LDM_K,
     Line,

@@ -26,7 +26,14 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from engine.config import ModelConfig
-from engine.models.components import SDXL_VAE_SCALE, DiffusionComponents
+from engine.models.components import (
+    SDXL_VAE_SCALE,
+    DiffusionComponents,
+    activate_controlnet,
+    check_dtype,
+    finish,
+    resolve_device,
+)
 from engine.models.errors import WeightsNotFoundError
 
 SDXL_SCHEDULER = {
@@ -160,7 +167,6 @@ def second_tokenizer(tokenizer: CLIPTokenizer) -> CLIPTokenizer:
 def build_sdxl_random(config: ModelConfig) -> DiffusionComponents:
     """SDXL components of ``config.preset`` (``sdxl-random`` real sizes, ``sdxl-tiny`` toy
     widths) with seeded random weights, in ``model.dtype`` on ``model.device``."""
-    from engine.models.registry import _activate_controlnet, check_dtype, finish, resolve_device
     from engine.models.tokenizer import build_offline_tokenizer
 
     arch = ARCHITECTURES[config.preset]
@@ -173,7 +179,7 @@ def build_sdxl_random(config: ModelConfig) -> DiffusionComponents:
     text_encoder_2 = CLIPTextModelWithProjection(text_config(arch["text_2"], vocab, second=True))
     unet = UNet2DConditionModel(**arch["unet"])
     controlnet = ControlNetModel(**controlnet_kwargs(arch["unet"], arch["control"]))
-    _activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
+    activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
     vae = AutoencoderKL(**arch["vae"])
     parts = DiffusionComponents(
         unet=unet,
@@ -196,7 +202,6 @@ def build_sdxl_random(config: ModelConfig) -> DiffusionComponents:
 def load_sdxl(config: ModelConfig) -> DiffusionComponents:
     """Real SDXL base + SDXL OpenPose ControlNet weights (hub ids, folders, single files)."""
     from engine.models.real import load_controlnet
-    from engine.models.registry import check_dtype, finish, resolve_device
 
     device = resolve_device(config.device)
     dtype = check_dtype(config, device)
