@@ -37,7 +37,7 @@ from engine.attention import (
     install_cross_frame_attention,
 )
 from engine.config import RenderConfig
-from engine.models.registry import DiffusionComponents
+from engine.models.components import DiffusionComponents, encode_ids, tokenize
 
 
 def frame_seed(seed: int, index: int) -> int:
@@ -144,16 +144,10 @@ class FrameChain:
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative: str) -> torch.Tensor:
-        """(2, 77, D) text embeddings: row 0 the negative (unconditional), row 1 the prompt."""
-        tok = self.parts.tokenizer
-        ids = tok(
-            [negative, prompt],
-            padding="max_length",
-            max_length=tok.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
-        return self.parts.text_encoder(ids)[0].to(self.parts.dtype)
+        """(2, 77, D) text embeddings: row 0 the negative (unconditional), row 1 the prompt
+        (SDXL: (2, 78, D), the pooled embedding packed as the last row, engine/models/components)."""
+        ids = tokenize(self.parts, [negative, prompt])
+        return encode_ids(self.parts, ids).to(self.parts.dtype)
 
     def image_tensor(self, image: np.ndarray) -> torch.Tensor:
         """(H, W, 3) uint8 RGB → (1, 3, H, W) float in [0, 1] on the chain's device and dtype."""

@@ -35,9 +35,13 @@ class _Base(BaseModel):
 class ModelConfig(_Base):
     """Which diffusion components to build or load."""
 
-    preset: Literal["tiny", "small", "micro", "sd15", "sd15-random"] = "tiny"
-    """Model builder from the registry: random-weight ``tiny``/``small``, real ``sd15``, or
-    ``sd15-random`` (SD-1.5's architectures with random weights: real-size speed anywhere)."""
+    preset: Literal[
+        "tiny", "small", "micro", "sd15", "sd15-random", "sdxl", "sdxl-random", "sdxl-tiny"
+    ] = "tiny"
+    """Model builder from the registry: random-weight ``tiny``/``small``, real ``sd15``,
+    ``sd15-random`` (SD-1.5's architectures with random weights: real-size speed anywhere), real
+    ``sdxl`` (SDXL + an SDXL OpenPose ControlNet), ``sdxl-random`` (SDXL's architectures, random
+    weights) or ``sdxl-tiny`` (SDXL's structure at toy widths, for CPU tests)."""
     base: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     """sd15: an SD-1.x checkpoint: hub id, diffusers folder, or one file in the original layout
     (``.safetensors`` / ``.ckpt``, e.g. a community fine-tune). Relative paths in a spec resolve

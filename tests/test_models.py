@@ -13,7 +13,10 @@ from engine.models.tokenizer import build_offline_tokenizer
 
 
 def test_registry_and_tiny_components(tiny_components):
-    assert set(MODEL_REGISTRY) == {"tiny", "small", "micro", "sd15", "sd15-random"}
+    assert set(MODEL_REGISTRY) == {
+        *("tiny", "small", "micro", "sd15", "sd15-random"),
+        *("sdxl", "sdxl-random", "sdxl-tiny"),
+    }
     c = tiny_components
     assert c.vae_scale == 8 and c.unet.config.in_channels == 4
     assert c.text_encoder.config.vocab_size == len(c.tokenizer)

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from engine.models.components import added_conditioning, added_embedding
+
 
 @dataclass
 class DeepFeatures:
@@ -36,13 +38,14 @@ class DeepFeatures:
 
 def check_supported(unet: Any, controlnet: Any) -> None:
     """Raise ValueError unless the shallow branch below reproduces these models' forward (SD-1.x
-    style: no class or added embeddings, no input centering, symmetric skips)."""
+    or SDXL style: no class embeddings, added embeddings only SDXL's ``text_time``, no input
+    centering, symmetric skips)."""
     config = unet.config
     unsupported = [
         name
         for name, on in (
             ("class embeddings", getattr(unet, "class_embedding", None) is not None),
-            ("added embeddings", config.addition_embed_type is not None),
+            ("added embeddings", config.addition_embed_type not in (None, "text_time")),
             ("center_input_sample", bool(config.center_input_sample)),
             ("ControlNet class embeddings", getattr(controlnet, "class_embedding", None)),
             ("ControlNet global pooling", controlnet.config.global_pool_conditions),
@@ -66,11 +69,15 @@ def keep_deep_features(unet: Any, into: DeepFeatures):
     return unet.up_blocks[-1].register_forward_pre_hook(keep, with_kwargs=True)
 
 
-def _time_embedding(model: Any, sample: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+def _time_embedding(
+    model: Any, sample: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(timestep embedding + SDXL's added embedding, activated; the cross-attention text)."""
+    hidden, added = added_conditioning(model, text, sample)
     t = model.time_proj(timestep.expand(sample.shape[0])).to(sample.dtype)
-    emb = model.time_embedding(t, None)
+    emb = added_embedding(model, model.time_embedding(t, None), added)
     act = getattr(model, "time_embed_act", None)
-    return act(emb) if act is not None else emb
+    return (act(emb) if act is not None else emb), hidden
 
 
 def _down0(model: Any, h: torch.Tensor, emb: torch.Tensor, text: torch.Tensor) -> tuple:
@@ -100,12 +107,12 @@ def shallow_step(
     n = len(up.resnets)  # the skips it takes: conv_in's output and down block 0's resnets
     embedded = features if features is not None else pose_features(controlnet, pose)
     c = controlnet.conv_in(sample) + embedded
-    c_emb = _time_embedding(controlnet, sample, timestep)
-    c_skips = ((c, *_down0(controlnet, c, c_emb, text)))[:n]
+    c_emb, c_text = _time_embedding(controlnet, sample, timestep, text)
+    c_skips = ((c, *_down0(controlnet, c, c_emb, c_text)))[:n]
     zero_convs = controlnet.controlnet_down_blocks
     residuals = [conv(x) * control_scale for x, conv in zip(c_skips, zero_convs, strict=False)]
 
-    emb = _time_embedding(unet, sample, timestep)
+    emb, text = _time_embedding(unet, sample, timestep, text)
     h = unet.conv_in(sample)
     skips = ((h, *_down0(unet, h, emb, text)))[:n]
     skips = tuple(x + r for x, r in zip(skips, residuals, strict=True))

@@ -27,6 +27,7 @@ from torch import nn
 
 from engine.appearance.lora import UNET_TARGETS, lora_layers
 from engine.attention import CrossFrameContext, slot_keep
+from engine.models.components import text_kwargs
 
 
 @dataclass(frozen=True)
@@ -328,16 +329,16 @@ def controlnet_unet(
         down, mid = controlnet(
             sample,
             timestep,
-            encoder_hidden_states=text,
             controlnet_cond=pose,
             conditioning_scale=1.0,
             return_dict=False,
+            **text_kwargs(controlnet, text, sample),
         )
     return unet(
         sample,
         timestep,
-        encoder_hidden_states=text,
         down_block_additional_residuals=[d * control_scale for d in down],
         mid_block_additional_residual=mid * control_scale,
         return_dict=False,
+        **text_kwargs(unet, text, sample),
     )[0]

@@ -97,6 +97,12 @@ class TensorRTStep(OnnxStep):
         max_refs: int = 2,
         max_adapters: int = 8,
     ):
+        if parts.is_sdxl:
+            raise RuntimeError(
+                "model.backend=tensorrt is not verified for SDXL (its ONNX graph is, "
+                "tests/test_sdxl.py; TensorRT engines of it were never built on a GPU here): use "
+                "model.backend=onnx or eager"
+            )
         self.trt_version = require_tensorrt(parts.device)
         GraphStep.__init__(self, parts, context)  # not OnnxStep's: onnxruntime is not needed
         self.cache_dir, self.threads, self._hash = Path(cache_dir), 1, None

@@ -57,17 +57,30 @@ def _load_peft(folder: Path, module: nn.Module) -> None:
 
 
 def _load_diffusers(path: Path, unet: nn.Module, text_encoder: nn.Module) -> None:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    from engine.models.components import uses_added_conditioning
+
+    # SDXL's loader converts kohya's SDXL names (lora_unet_input_blocks_*, lora_te1_/lora_te2_).
+    xl = uses_added_conditioning(unet)
+    pipeline: Any = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
     folder, weight_name = (path.parent, path.name) if path.is_file() else (path, None)
-    state, alphas = StableDiffusionPipeline.lora_state_dict(
-        str(folder), weight_name=weight_name, local_files_only=True
+    # unet_config: kohya's SGM block names (input_blocks_4_1_…) map by the UNet's layout, as
+    # the pipelines' own load_lora_weights does; without it they stay unconverted.
+    state, alphas = pipeline.lora_state_dict(
+        str(folder), weight_name=weight_name, local_files_only=True, unet_config=unet.config
     )
     if not any(k.startswith("unet.") for k in state):
         raise ValueError("it holds no UNet LoRA")
-    StableDiffusionPipeline.load_lora_into_unet(state, alphas, unet, adapter_name=IMPORTING)
+    second = [k for k in state if k.startswith("text_encoder_2.")]
+    if second:
+        raise ValueError(
+            f"it adapts SDXL's second text encoder ({second[0]}), which appearance.lora does not "
+            "support yet; use a LoRA without lora_te2_* / text_encoder_2.* tensors"
+        )
+    pipeline.load_lora_into_unet(state, alphas, unet, adapter_name=IMPORTING)
     if any(k.startswith("text_encoder.") for k in state):
-        StableDiffusionPipeline.load_lora_into_text_encoder(
+        pipeline.load_lora_into_text_encoder(
             state, alphas, text_encoder, prefix="text_encoder", adapter_name=IMPORTING
         )
 

@@ -43,7 +43,7 @@ from engine.appearance.lora import (
     snapshot,
 )
 from engine.config import AppearanceConfig
-from engine.models.registry import DiffusionComponents
+from engine.models.components import DiffusionComponents, encode_ids, text_kwargs, tokenize
 
 TRAINING_ADAPTER = "appearance_training"
 """Temporary adapter name while training (removed afterwards)."""
@@ -119,15 +119,8 @@ def _encode(
         posterior = parts.vae.encode(x).latent_dist
         means.append(posterior.mean.float())
         stds.append(posterior.std.float())
-    tok = parts.tokenizer
-    ids = tok(
-        list(prompts),
-        padding="max_length",
-        max_length=tok.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids.to(parts.device)
-    embeddings = None if text else parts.text_encoder(ids)[0]
+    ids = tokenize(parts, list(prompts))
+    embeddings = None if text else encode_ids(parts, ids)
     return _Dataset(torch.cat(means), torch.cat(stds), ids, embeddings)
 
 
@@ -157,10 +150,8 @@ def _rows(
         target = sched.get_velocity(latents, noise, t)
     else:
         target = noise
-    if data.embeddings is not None:
-        text = data.embeddings[idx]
-    else:
-        text = parts.text_encoder(data.ids[idx])[0]
+    cached = data.embeddings
+    text = cached[idx] if cached is not None else encode_ids(parts, data.ids[idx])
     return noisy.to(parts.dtype), t, text.to(parts.dtype), target
 
 
@@ -176,7 +167,7 @@ def _loss(
     if prior is not None:
         rows.append(_rows(parts, prior, config.batch_size, gen))
     noisy, t, text, target = (torch.cat(parts_) for parts_ in zip(*rows, strict=True))
-    pred = parts.unet(noisy, t, encoder_hidden_states=text, return_dict=False)[0]
+    pred = parts.unet(noisy, t, return_dict=False, **text_kwargs(parts.unet, text, noisy))[0]
     errors = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
     loss = errors[: config.batch_size].mean()
     if prior is not None:

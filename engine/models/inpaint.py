@@ -14,6 +14,7 @@ copy in memory; SD-1.5 inpainting uses SD-1.5's VAE and text encoder).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from diffusers import DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
@@ -64,7 +65,8 @@ def load_inpaint_unet(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditio
     """
     from engine.models.real import load_inpaint
 
-    unet = load_inpaint(config, dtype)
+    xl = config.preset == "sdxl"
+    unet = load_inpaint(config, dtype, "sdxl-inpainting" if xl else "sd15-inpainting")
     if unet.config.in_channels != INPAINT_IN_CHANNELS:
         raise WeightsNotFoundError(
             f"model.inpaint={config.inpaint!r}: its UNet has {unet.config.in_channels} input "
@@ -96,7 +98,20 @@ INPAINT_REGISTRY: dict[str, Callable[[ModelConfig, DiffusionComponents], UNet2DC
     "sd15": _load_for,
     "sd15-random": _sd15_random,
     "micro": lambda config, parts: _micro_inpaint(config, parts),
+    "sdxl": _load_for,
+    "sdxl-tiny": lambda config, parts: random_xl_inpaint_unet(config),
+    "sdxl-random": lambda config, parts: random_xl_inpaint_unet(config),
 }
+
+
+def random_xl_inpaint_unet(config: ModelConfig) -> UNet2DConditionModel:
+    """A seeded random 9-channel UNet of the SDXL preset's architecture (as SDXL inpainting 0.1)."""
+    from engine.models.sdxl import ARCHITECTURES
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + 2)
+        unet_kwargs = {**ARCHITECTURES[config.preset]["unet"], "in_channels": INPAINT_IN_CHANNELS}
+        return UNet2DConditionModel(**unet_kwargs)
 
 
 def _micro_inpaint(config: ModelConfig, parts: DiffusionComponents) -> UNet2DConditionModel:
@@ -127,16 +142,32 @@ def build_inpaint_pipeline(
     is a fresh DDIM with ``parts.scheduler``'s config (the pipeline's timestep state never touches
     the frame chain's); no safety checker, no feature extractor; progress bar off.
     """
-    pipe = StableDiffusionInpaintPipeline(
-        vae=parts.vae,
-        text_encoder=parts.text_encoder,
-        tokenizer=parts.tokenizer,
-        unet=unet,
-        scheduler=DDIMScheduler.from_config(parts.scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    scheduler = DDIMScheduler.from_config(parts.scheduler.config)
+    if parts.text_encoder_2 is not None:  # SDXL: both text encoders, pooled + time_ids inside
+        from diffusers import StableDiffusionXLInpaintPipeline
+
+        pipe: Any = StableDiffusionXLInpaintPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            text_encoder_2=parts.text_encoder_2,
+            tokenizer=parts.tokenizer,
+            tokenizer_2=parts.tokenizer_2,
+            unet=unet,
+            scheduler=scheduler,
+            requires_aesthetics_score=False,
+            add_watermarker=False,
+        )
+    else:
+        pipe = StableDiffusionInpaintPipeline(
+            vae=parts.vae,
+            text_encoder=parts.text_encoder,
+            tokenizer=parts.tokenizer,
+            unet=unet,
+            scheduler=scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

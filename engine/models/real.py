@@ -72,7 +72,7 @@ def config_folder(config: ModelConfig, field: str, shipped: str) -> Path:
     return Path(local_source(config.model_copy(update={field: value}), field, "configs").location)
 
 
-def _variant_kw(config: ModelConfig, folder: Path) -> dict[str, Any]:
+def variant_kw(config: ModelConfig, folder: Path) -> dict[str, Any]:
     """``variant=model.variant`` for a component folder holding that variant's files; a folder
     without them loads its plain files, as diffusers pipelines do (SD-1.5 ships fp16 files, the
     OpenPose ControlNet does not)."""
@@ -82,7 +82,7 @@ def _variant_kw(config: ModelConfig, folder: Path) -> dict[str, Any]:
     return {"variant": config.variant} if has else {}
 
 
-def _check_variant(config: ModelConfig, field: str, source: Source) -> None:
+def check_variant(config: ModelConfig, field: str, source: Source) -> None:
     if config.variant and source.kind == "file":
         raise WeightsNotFoundError(
             f"model.variant={config.variant!r} applies to folders and hub ids, but model.{field} "
@@ -95,10 +95,10 @@ _BYTE_SYMBOLS = 514
 """CLIP's BPE alphabet: 256 byte symbols alone and as word ends, plus the two special tokens."""
 
 
-def clip_tokenizer(folder: Path | None) -> CLIPTokenizer:
-    """CLIP's tokenizer from ``folder/tokenizer`` when it has one, else the shipped copy of CLIP's
+def clip_tokenizer(folder: Path | None, sub: str = "tokenizer") -> CLIPTokenizer:
+    """CLIP's tokenizer from ``folder/<sub>`` when it has one, else the shipped copy of CLIP's
     BPE vocabulary (``configs/models/clip-tokenizer``, 49408 tokens)."""
-    source = folder / "tokenizer" if folder is not None else None
+    source = folder / sub if folder is not None else None
     if source is None or not any((source / f).is_file() for f in _VOCAB_FILES):
         source = shipped_config("clip-tokenizer")
     tokenizer = load_pretrained(CLIPTokenizer.from_pretrained, source, "tokenizer")
@@ -134,13 +134,13 @@ class BaseModels:
 def load_base(config: ModelConfig, dtype: torch.dtype) -> BaseModels:
     """UNet, VAE, CLIP text encoder, tokenizer and DDIM scheduler of ``model.base``."""
     source = local_source(config, "base", "SD-1.x checkpoint")
-    _check_variant(config, "base", source)
+    check_variant(config, "base", source)
     path = Path(source.location)
     if source.kind == "file":
         return _base_from_file(config, path, dtype)
 
     def kw(sub: str) -> dict[str, Any]:
-        return {"torch_dtype": dtype, **_variant_kw(config, path / sub)}
+        return {"torch_dtype": dtype, **variant_kw(config, path / sub)}
 
     tokenizer = clip_tokenizer(path)
     text_encoder = load_pretrained(
@@ -208,13 +208,16 @@ def _from_single_file(
         ) from None
 
 
-def load_controlnet(config: ModelConfig, dtype: torch.dtype) -> tuple[ControlNetModel, str]:
-    """The OpenPose ControlNet of ``model.controlnet`` and its weights' digest."""
+def load_controlnet(
+    config: ModelConfig, dtype: torch.dtype, shipped: str = "sd15-controlnet-openpose"
+) -> tuple[ControlNetModel, str]:
+    """The OpenPose ControlNet of ``model.controlnet`` and its weights' digest; a single file
+    loads against ``model.controlnet_config`` or ``configs/models/<shipped>``."""
     source = local_source(config, "controlnet", "OpenPose ControlNet")
-    _check_variant(config, "controlnet", source)
+    check_variant(config, "controlnet", source)
     path = Path(source.location)
     if source.kind == "file":
-        configs = config_folder(config, "controlnet", "sd15-controlnet-openpose")
+        configs = config_folder(config, "controlnet", shipped)
         model = _from_single_file(ControlNetModel, path, configs, "controlnet", dtype)
     else:
         model = load_pretrained(
@@ -222,19 +225,21 @@ def load_controlnet(config: ModelConfig, dtype: torch.dtype) -> tuple[ControlNet
             path,
             "OpenPose ControlNet",
             torch_dtype=dtype,
-            **_variant_kw(config, path),
+            **variant_kw(config, path),
         )
     return model, content_digest(path)
 
 
-def load_inpaint(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditionModel:
+def load_inpaint(
+    config: ModelConfig, dtype: torch.dtype, shipped: str = "sd15-inpainting"
+) -> UNet2DConditionModel:
     """The UNet of the SD inpainting checkpoint ``model.inpaint`` (a folder's ``unet/`` or the
-    UNet of a single file)."""
+    UNet of a single file, against ``model.inpaint_config`` or ``configs/models/<shipped>``)."""
     source = local_source(config, "inpaint", "SD inpainting checkpoint")
-    _check_variant(config, "inpaint", source)
+    check_variant(config, "inpaint", source)
     path = Path(source.location)
     if source.kind == "file":
-        configs = config_folder(config, "inpaint", "sd15-inpainting")
+        configs = config_folder(config, "inpaint", shipped)
         return _from_single_file(
             UNet2DConditionModel, path, configs, "inpaint", dtype, subfolder="unet"
         )
@@ -243,5 +248,5 @@ def load_inpaint(config: ModelConfig, dtype: torch.dtype) -> UNet2DConditionMode
         path / "unet",
         "inpainting UNet",
         torch_dtype=dtype,
-        **_variant_kw(config, path / "unet"),
+        **variant_kw(config, path / "unet"),
     )

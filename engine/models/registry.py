@@ -12,14 +12,20 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from engine.config import ConfigError, ModelConfig
+from engine.config import ModelConfig
+from engine.models.components import (
+    DiffusionComponents,
+    activate_controlnet,
+    check_dtype,
+    finish,
+    resolve_device,
+)
 from engine.models.errors import WeightsNotFoundError
 from engine.models.tokenizer import build_offline_tokenizer, clip_text_encoder
 
@@ -34,29 +40,6 @@ SD_SCHEDULER = {
     "steps_offset": 1,
     "prediction_type": "epsilon",
 }
-
-
-@dataclass
-class DiffusionComponents:
-    """The resident models of the frame chain, on one device and dtype."""
-
-    unet: UNet2DConditionModel
-    controlnet: ControlNetModel
-    vae: AutoencoderKL
-    text_encoder: CLIPTextModel
-    tokenizer: CLIPTokenizer
-    scheduler: DDIMScheduler
-    device: torch.device
-    dtype: torch.dtype
-    name: str
-    """Provenance: the preset and the weights' ids (recorded in manifests and cache keys)."""
-    backend: str = "eager"
-    """``model.backend``: how the denoise step runs (engine/accel, :func:`engine.accel.step_for`)."""
-
-    @property
-    def vae_scale(self) -> int:
-        """Pixel-to-latent downsampling factor (8 for SD)."""
-        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
 
 
 # Architectures of the random-weight presets. Same block types as SD-1.x, fewer channels.
@@ -82,7 +65,14 @@ _ARCH: dict[str, dict[str, Any]] = {
 }
 
 
-__all__ = ["WeightsNotFoundError"]
+__all__ = [
+    "DiffusionComponents",
+    "WeightsNotFoundError",
+    "activate_controlnet",
+    "check_dtype",
+    "finish",
+    "resolve_device",
+]
 
 
 def model_name(config: ModelConfig) -> str:
@@ -98,63 +88,15 @@ def model_name(config: ModelConfig) -> str:
         from engine.micro.arch import weights_digest
 
         return f"micro:{weights_digest()}"
-    if config.preset == "sd15-random":
-        return f"sd15-random-seed{config.seed}-{config.dtype}"
+    if config.preset == "sdxl":
+        from engine.models.sources import weights_id
+
+        return (
+            f"sdxl:{weights_id(config.base, 'base')}+{weights_id(config.controlnet, 'controlnet')}"
+        )
+    if config.preset in ("sd15-random", "sdxl-random", "sdxl-tiny"):
+        return f"{config.preset}-seed{config.seed}-{config.dtype}"
     return f"{config.preset}-random-seed{config.seed}"
-
-
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` → cuda if available, else cpu; otherwise ``torch.device(spec)``."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"model.device={spec!r} but no CUDA device is available; use model.device=cpu"
-        )
-    return device
-
-
-def check_dtype(config: ModelConfig, device: torch.device) -> torch.dtype:
-    """``model.dtype`` as a torch dtype, refused where the device cannot run it well.
-
-    Raises:
-        ConfigError: float16 on a CPU (measured 9-44x slower than float32 there, issue 17), or
-            bfloat16 on a CUDA device without bf16 support; the message gives the setting to use.
-    """
-    if config.dtype == "float16" and device.type == "cpu":
-        raise ConfigError(
-            "model.dtype=float16 on a CPU runs 9-44x slower than float32 (no float16 kernels): "
-            "set model.dtype=float32 (e.g. --set model.dtype=float32), or model.device=cuda"
-        )
-    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
-    if config.dtype == "bfloat16" and device.type == "cuda" and not cuda_bf16:
-        raise ConfigError(
-            f"model.dtype=bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 "
-            "support; set model.dtype=float16"
-        )
-    return getattr(torch, config.dtype)
-
-
-def _activate_controlnet(controlnet: ControlNetModel, generator: torch.Generator) -> None:
-    """Make a random ControlNet respond to the pose like a trained one.
-
-    A fresh ControlNetModel has zero-initialised output convs (its residuals are exactly 0), and
-    with default init the thin skeleton lines of a pose map fade to nothing in the conditioning
-    embedding's stride-2 convs. So: random weights for the zero convs, conditioning-embedding
-    biases zeroed (a blank pose map gives no pose signal) and its hidden convs amplified 3×.
-    Measured on tiny (3 steps, 64²): two different poses change the frame by ≈12 grey levels
-    (mean |Δ|) instead of ≈0.01 without this.
-    """
-    cond = controlnet.controlnet_cond_embedding
-    with torch.no_grad():
-        for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
-            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
-        for conv in [cond.conv_in, *cond.blocks]:
-            conv.weight.mul_(3.0)
-            conv.bias.zero_()
-        cond.conv_out.weight.copy_(torch.randn(cond.conv_out.weight.shape, generator=generator))
-        cond.conv_out.bias.zero_()
 
 
 RANDOM_PRESETS = tuple(_ARCH)
@@ -196,7 +138,7 @@ def build_random(config: ModelConfig) -> DiffusionComponents:
         **down_path, conditioning_embedding_out_channels=arch["cond_channels"]
     )
     generator = torch.Generator().manual_seed(config.seed + 1)
-    _activate_controlnet(controlnet, generator)
+    activate_controlnet(controlnet, generator)
     vn = len(arch["vae_channels"])
     vae = AutoencoderKL(
         in_channels=3,
@@ -239,7 +181,7 @@ def build_sd15_random(config: ModelConfig) -> DiffusionComponents:
     text_encoder = _random_text_encoder(tokenizer, SD15_TEXT)
     unet = UNet2DConditionModel(**SD15_UNET)
     controlnet = ControlNetModel(cross_attention_dim=768)
-    _activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
+    activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
     vae = AutoencoderKL(**SD15_VAE)
     for module in (unet, controlnet, vae, text_encoder) if dtype != torch.float32 else ():
         module.to(dtype)  # type: ignore[arg-type]  # transformers wraps .to; a dtype works
@@ -256,7 +198,7 @@ def _random_parts(
     dtype: torch.dtype,
 ) -> DiffusionComponents:
     """Random-weight models with SD's DDIM schedule, moved to ``model.device``."""
-    return _finish(
+    return finish(
         DiffusionComponents(
             unet=unet,
             controlnet=controlnet,
@@ -274,14 +216,6 @@ def _random_parts(
 def _random_text_encoder(tokenizer: CLIPTokenizer, text: dict[str, int]) -> CLIPTextModel:
     """A random CLIP text encoder of the given width/depth over the offline tokenizer."""
     return clip_text_encoder(tokenizer, text)
-
-
-def _finish(parts: DiffusionComponents) -> DiffusionComponents:
-    for module in (parts.unet, parts.controlnet, parts.vae, parts.text_encoder):
-        module.to(parts.device)  # type: ignore[call-arg,arg-type]  # dtype set at build time
-        module.eval()
-        module.requires_grad_(False)
-    return parts
 
 
 def load_sd15(config: ModelConfig) -> DiffusionComponents:
@@ -304,7 +238,7 @@ def load_sd15(config: ModelConfig) -> DiffusionComponents:
         dtype=dtype,
         name=f"sd15:{base.digest[:16]}+{control_digest[:16]}",  # = model_name(config)
     )
-    return _finish(parts)
+    return finish(parts)
 
 
 def load_micro(config: ModelConfig) -> DiffusionComponents:
@@ -331,7 +265,7 @@ def load_micro(config: ModelConfig) -> DiffusionComponents:
         dtype=torch.float32,
         name=model_name(config),
     )
-    return _finish(parts)
+    return finish(parts)
 
 
 @functools.lru_cache(maxsize=1)
@@ -345,7 +279,16 @@ def micro_weights() -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, Any]]
         raise WeightsNotFoundError(str(e)) from None
 
 
+def _sdxl(config: ModelConfig) -> DiffusionComponents:
+    from engine.models.sdxl import build_sdxl_random, load_sdxl
+
+    return load_sdxl(config) if config.preset == "sdxl" else build_sdxl_random(config)
+
+
 MODEL_REGISTRY: dict[str, Callable[[ModelConfig], DiffusionComponents]] = {
+    "sdxl": _sdxl,
+    "sdxl-random": _sdxl,
+    "sdxl-tiny": _sdxl,
     "tiny": build_random,
     "small": build_random,
     "sd15": load_sd15,

@@ -152,7 +152,7 @@ def _load_configured(config: ModelConfig) -> Sam:
         url = SAM_CHECKPOINT_URLS[config.sam_type]
         raise WeightsNotFoundError(
             f"model.sam_checkpoint is not set but background.mask_source=sam needs it with "
-            f"model.preset=sd15: download {url} and set model.sam_checkpoint to its path, or set "
+            f"model.preset={config.preset}: download {url} and set model.sam_checkpoint to its path, or set "
             "background.mask_source=pose."
         )
     from engine.models.remote import local_weights
@@ -176,6 +176,9 @@ SAM_REGISTRY: dict[str, Callable[[ModelConfig], Sam]] = {
     "micro": _build_random_from,  # random: micro's default background.mask_source is pose
     "sd15": _load_configured,
     "sd15-random": _random_official,
+    "sdxl": _load_configured,
+    "sdxl-tiny": _build_random_from,
+    "sdxl-random": _build_random_from,  # the real SAM's cost is not what sdxl-random measures
 }
 
 
@@ -200,7 +203,7 @@ def build_sam_predictor(config: ModelConfig) -> Any:
 def _hf_folder(config: ModelConfig) -> Path | None:
     """The transformers-layout SAM ``model.sam_checkpoint`` names (a folder, or a hub id's
     snapshot), or None for Meta's ``.pth`` files and the random presets."""
-    if config.preset != "sd15" or config.sam_checkpoint is None:
+    if config.preset not in ("sd15", "sdxl") or config.sam_checkpoint is None:
         return None
     from engine.models.real import local_source
     from engine.models.remote import is_uri
