@@ -17,6 +17,7 @@ from engine.metrics.inputs import ScoreInputs, load_render
 from engine.metrics.micro import (
     appearance_drift,
     background_change,
+    classify_scenes,
     figure_iou,
     figure_masks,
     garment_colours,
@@ -24,7 +25,7 @@ from engine.metrics.micro import (
 from engine.metrics.micro_report import MICRO_AGGREGATE
 from engine.metrics.pose_mse import NoEstimator
 from engine.metrics.report import score_inputs, score_render
-from engine.micro.world import draw_figure, draw_scene, make_sample, sample_look
+from engine.micro.world import SCENES, draw_figure, draw_scene, make_sample, sample_look
 from engine.pose import PoseSequence, save_poses_json
 
 PROMPTS = (
@@ -77,6 +78,20 @@ def test_segmenter_and_colour_on_ground_truth(world) -> None:
     assert garment_colours(frames, kp) == [s.look.colour for s in world]
 
 
+def test_scene_classifier_on_ground_truth() -> None:
+    # measured: 3,000 of 3,000 frames of seed 7 right; here 48 frames of another seed, all six
+    # scenes, each classified from its background outside the dilated person mask
+    samples = [make_sample(5, i) for i in range(48)]
+    truth = [s.look.scene for s in samples]
+    assert set(truth) == set(SCENES)
+    frames, kp = np.stack([s.image for s in samples]), np.stack([s.keypoints for s in samples])
+    assert classify_scenes(frames, kp) == truth
+    beach = next(s for s in samples if s.look.scene == "beach")
+    night = draw_scene("night", 64, np.random.default_rng(0))
+    draw_figure(night, beach.keypoints, beach.look, np.random.default_rng(0))
+    assert classify_scenes(night[None], beach.keypoints[None]) == ["night"]  # same dancer
+
+
 def _redrawn(sample, *, look_seed: int | None = None, scene_seed: int | None = None) -> np.ndarray:
     """``sample``'s pose drawn again with another look and/or over another scene."""
     rng = np.random.default_rng(look_seed or 0)
@@ -117,6 +132,9 @@ def test_score_inputs_micro_section_and_plot(world, tmp_path: Path) -> None:
     assert len(micro["per_pair"]["background_change"]) == 2
     assert micro["settings"]["prompt_colour"] == world[0].look.colour
     assert micro["per_frame"]["colour_right"][0] is True
+    assert micro["per_frame"]["scene"] == [s.look.scene for s in world[:3]]
+    assert micro["settings"]["prompt_scene"] == world[0].look.scene
+    assert micro["per_frame"]["scene_right"][0] is True
     assert micro["aggregate"]["figure_iou"] > 0.85
     assert "micro" not in score_inputs(inputs, clip=tiny_clip(), estimator=NoEstimator())
     written = write_report(result, tmp_path)

@@ -41,7 +41,7 @@ def evaluate(modules: dict[str, torch.nn.Module], dev: torch.device, seed: int, 
              steps: int, guidance: float, out: Path) -> dict[str, Any]:  # fmt: skip
     """Sample ``n`` held-out (pose, caption) pairs; write ``grid.png`` (truth | pose | sample)
     and return the micro metrics against the truth's own scores through the same segmenter."""
-    from engine.metrics.micro import figure_iou, figure_masks, garment_colours
+    from engine.metrics.micro import classify_scenes, figure_iou, figure_masks, garment_colours
 
     for m in modules.values():
         m.to(dev, torch.float32).eval()
@@ -64,10 +64,10 @@ def evaluate(modules: dict[str, torch.nn.Module], dev: torch.device, seed: int, 
         "samples": n, "steps": steps, "guidance": guidance,
         "figure_iou": float(figure_iou(figure_masks(fake, seg), kp).mean()),
         "figure_iou_truth": float(figure_iou(figure_masks(truth, seg), kp).mean()),
-        "colour_accuracy": float(np.mean([a == b for a, b in
-                                          zip(garment_colours(fake, kp), colours, strict=True)])),
-        "colour_accuracy_truth": float(np.mean([a == b for a, b in
-                                                zip(garment_colours(truth, kp), colours, strict=True)])),
+        "colour_accuracy": _share(garment_colours(fake, kp), colours),
+        "colour_accuracy_truth": _share(garment_colours(truth, kp), colours),
+        "scene_accuracy": _share(classify_scenes(fake, kp), scenes),
+        "scene_accuracy_truth": _share(classify_scenes(truth, kp), scenes),
         "captions": [s.look.caption for s in samples], "scenes": scenes,
     }  # fmt: skip
     rows = [
@@ -81,3 +81,8 @@ def evaluate(modules: dict[str, torch.nn.Module], dev: torch.device, seed: int, 
     )
     Image.fromarray(grid).save(out / "grid.png")
     return result
+
+
+def _share(seen: list[str | None], wanted: list[str]) -> float:
+    """Fraction of samples whose classified name is the wanted one (None counts as wrong)."""
+    return float(np.mean([a == b for a, b in zip(seen, wanted, strict=True)]))
