@@ -1,11 +1,15 @@
 """Held-out evaluation of trained micro weights: a sample grid and the micro metrics.
 
 Samples go through diffusers' own :class:`StableDiffusionControlNetPipeline` (DDIM, v-prediction,
-classifier-free guidance), so the figures measure the weights, not our engine.
+classifier-free guidance), so the figures measure the weights, not our engine. Training runs it on
+its last weights; ``python -m engine.micro.evaluate FOLDER --out DIR`` runs it on any weight folder
+(the shipped one by default), so two folders can be compared on the same held-out pairs.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -86,3 +90,44 @@ def evaluate(modules: dict[str, torch.nn.Module], dev: torch.device, seed: int, 
 def _share(seen: list[str | None], wanted: list[str]) -> float:
     """Fraction of samples whose classified name is the wanted one (None counts as wrong)."""
     return float(np.mean([a == b for a, b in zip(seen, wanted, strict=True)]))
+
+
+def load_modules(folder: Path) -> dict[str, torch.nn.Module]:
+    """Every module of the micro weights in ``folder`` (float32, CPU, eval)."""
+    from engine.micro.data import _tokenizer
+
+    states, meta = arch.load_weights(folder)
+    if meta.get("tokenizer", "offline") != arch.TOKENIZER:
+        raise ValueError(f"{folder}: tokenizer {meta.get('tokenizer')!r}, not {arch.TOKENIZER!r}")
+    modules: dict[str, torch.nn.Module] = {
+        "vae": arch.build_vae(meta["scaling_factor"]), "unet": arch.build_unet(),
+        "controlnet": arch.build_controlnet(), "text_encoder": arch.build_text_encoder(_tokenizer()),
+        "inpaint_unet": arch.build_unet(9), "segmenter": arch.build_segmenter(),
+    }  # fmt: skip
+    for name, module in modules.items():
+        module.load_state_dict(states[name])
+        module.eval().requires_grad_(False)
+    return modules
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(
+        prog="python -m engine.micro.evaluate", description=__doc__.split("\n")[0]
+    )
+    p.add_argument("folder", type=Path, nargs="?", default=arch.WEIGHTS_DIR, help="weight folder")
+    p.add_argument("--out", type=Path, required=True, help="folder for eval.json and grid.png")
+    p.add_argument("--samples", type=int, default=32)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = evaluate(load_modules(args.folder), torch.device("cpu"), args.seed, args.samples,
+                      args.steps, args.guidance, args.out)  # fmt: skip
+    result["weights"] = str(args.folder)
+    (args.out / "eval.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps({k: v for k, v in result.items() if isinstance(v, float)}))
+
+
+if __name__ == "__main__":
+    main()
