@@ -269,7 +269,7 @@ def test_micro_benchmark_checks_say_plainly_when_a_module_does_not_help() -> Non
     assert "did NOT move it clearly" in text[1]  # texture 2.0 vs 2.025: 1 %
     assert any("moved it UP" in line and "NOT as the paper reports" in line for line in text)
     lines = format_micro_table({"full": {"figure_iou": 0.7}}).splitlines()
-    assert len(lines) == 3 and all(line.count("|") == 8 for line in lines)
+    assert len(lines) == 3 and all(line.count("|") == 9 for line in lines)
     assert lines[2].startswith("| Ours (full") and "| 0.700 | — |" in lines[2]
 
 
