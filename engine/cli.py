@@ -107,8 +107,8 @@ def metrics(
         bool | None,
         typer.Option(
             "--micro/--no-micro",
-            help="Add the micro world's metrics (figure IoU, garment colour, drift, background "
-            "change; default: when the render's preset is micro, never for an mp4).",
+            help="Add the micro world's metrics (figure IoU, garment colour, scene, drift, "
+            "background change; default: when the render's preset is micro, never for an mp4).",
         ),
     ] = None,
 ) -> None:

@@ -11,7 +11,10 @@ show, so we measure it directly:
 - **appearance drift**: frame-to-frame L1 distance of the body region's colour histogram
   (0 = identical, 2 = disjoint) and the change of the torso's texture (std of grey levels);
 - **background stability**: mean absolute change (grey levels) outside both frames' dilated
-  person masks.
+  person masks;
+- **scene following**: the background outside the dilated person mask classified into the world's
+  six scenes (nearest centroid of the mean colours of the frame's top and bottom bands), against
+  the prompt's scene word.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import numpy as np
 import torch
 
 from engine.compose import pose_body_mask
-from engine.micro.world import COLOURS, parse_caption
+from engine.micro.world import COLOURS, SCENES, draw_scene, parse_caption
 from engine.pose.skeleton import TORSO
 
 
@@ -131,14 +134,67 @@ def background_change(frames: np.ndarray, keypoints: np.ndarray, dilate_px: int 
     return float(np.mean(changes)) if changes else 0.0
 
 
+SCENE_BANDS = ((0.0, 0.45), (0.68, 1.0))
+"""Row bands (fractions of the height) whose mean background colours are a frame's scene
+features: above every horizon (sky, canopy, shelves, curtains) and below it (sand, road, floor)."""
+
+
+def scene_features(
+    frame: np.ndarray, keypoints: np.ndarray, dilate_px: int = 3
+) -> np.ndarray | None:
+    """(6,) float: mean RGB of each :data:`SCENE_BANDS` band outside the person mask (the pose body
+    mask dilated by ``dilate_px``), or None when the person covers a whole band."""
+    h, w = frame.shape[:2]
+    kernel = np.ones((2 * dilate_px + 1, 2 * dilate_px + 1), np.uint8)
+    person = cv2.dilate(pose_body_mask(keypoints, w, h), kernel) > 0
+    feats = []
+    for lo, hi in SCENE_BANDS:
+        band = frame[round(lo * h) : round(hi * h)]
+        keep = ~person[round(lo * h) : round(hi * h)]
+        if not keep.any():
+            return None
+        feats.append(band[keep].astype(float).mean(axis=0))
+    return np.concatenate(feats)
+
+
+@functools.lru_cache(maxsize=8)
+def scene_centroids(size: int, draws: int = 32) -> np.ndarray:
+    """(6 scenes, 6) mean :func:`scene_features` of ``draws`` empty scenes of each kind at
+    ``size``² (seeded, so the classifier is deterministic)."""
+    rng = np.random.default_rng(1234)
+    nobody = np.zeros((18, 3), np.float32)  # no visible joint: empty person mask
+    rows = []
+    for kind in SCENES:
+        feats = [scene_features(draw_scene(kind, size, rng), nobody) for _ in range(draws)]
+        rows.append(np.mean([f for f in feats if f is not None], axis=0))
+    return np.stack(rows)
+
+
+def classify_scenes(frames: np.ndarray, keypoints: np.ndarray) -> list[str | None]:
+    """The scene kind (a key of :data:`engine.micro.world.SCENES`) of each frame's background, or
+    None where the person covers a whole band of it."""
+    names = list(SCENES)
+    out: list[str | None] = []
+    for frame, kp in zip(frames, keypoints, strict=True):
+        f = scene_features(frame, kp)
+        if f is None:
+            out.append(None)
+            continue
+        ref = scene_centroids(frame.shape[0])
+        out.append(names[int(np.argmin(((ref - f) ** 2).sum(axis=1)))])
+    return out
+
+
 def micro_metrics(
     frames: np.ndarray, keypoints: np.ndarray, prompt: str, segmenter: torch.nn.Module | None = None
 ) -> dict[str, Any]:
     """All micro metrics of one render: frames (N, H, W, 3) uint8, keypoints (N, 18, 3)."""
-    colour, _ = parse_caption(prompt)
+    colour, scene = parse_caption(prompt)
     iou = figure_iou(figure_masks(frames, segmenter), keypoints)
     seen = garment_colours(frames, keypoints)
     judged = [c for c in seen if c is not None]
+    scenes = classify_scenes(frames, keypoints)
+    judged_scenes = [s for s in scenes if s is not None]
     return {
         "figure_iou": float(iou.mean()),
         "figure_iou_per_frame": [round(float(v), 4) for v in iou],
@@ -146,6 +202,11 @@ def micro_metrics(
         "garment_colours": seen,
         "colour_accuracy": (
             float(np.mean([c == colour for c in judged])) if colour and judged else None
+        ),
+        "prompt_scene": scene,
+        "scenes": scenes,
+        "scene_accuracy": (
+            float(np.mean([s == scene for s in judged_scenes])) if scene and judged_scenes else None
         ),
         **appearance_drift(frames, keypoints),
         "background_change": background_change(frames, keypoints),

@@ -1,11 +1,12 @@
 """The ``micro`` section of ``metrics.json``: :mod:`engine.metrics.micro` on one scored video.
 
 A render made with the ``micro`` preset shows a figure in a world whose ground truth we know, so
-besides the paper's metrics (kept as they are) it gets four that mean something there: pose
+besides the paper's metrics (kept as they are) it gets five that mean something there: pose
 following (figure IoU with the pose body mask), prompt following (the top garment's colour against
-the prompt's colour word), appearance drift (body colour histogram L1 and torso texture change
-between adjacent frames) and background change outside the person masks. Per frame: the IoU and
-the classified colour; per adjacent pair: drift and background change; aggregates are the means.
+the prompt's colour word, and the background's scene against the prompt's scene word), appearance
+drift (body colour histogram L1 and torso texture change
+between adjacent frames) and background change outside the person masks. Per frame: the IoU, the
+classified colour and the classified scene; per adjacent pair: drift and background change; aggregates are the means.
 
 The colour word is read from the user's prompt (the render config's ``prompt``) rather than the
 refined frame prompt, whose extra clothing words name other colours; the section says which.
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
 MICRO_AGGREGATE = (
     "figure_iou",
     "colour_accuracy",
+    "scene_accuracy",
     "body_hist_l1",
     "torso_texture_change",
     "background_change",
@@ -34,6 +36,7 @@ MICRO_AGGREGATE = (
 MICRO_LABELS: dict[str, str] = {
     "figure_iou": "Figure IoU (pose) ↑",
     "colour_accuracy": "Garment colour right ↑",
+    "scene_accuracy": "Scene right ↑",
     "body_hist_l1": "Body hist L1 ↓",
     "torso_texture_change": "Torso texture change ↓",
     "background_change": "Background change ↓",
@@ -62,7 +65,8 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
 
     Returns:
         ``{"aggregate": {MICRO_AGGREGATE → float | None}, "per_frame": {"figure_iou": T floats,
-        "garment_colour": T names | None, "colour_right": T bools | None}, "per_pair":
+        "garment_colour": T names | None, "colour_right": T bools | None, "scene": T names | None,
+        "scene_right": T bools | None}, "per_pair":
         {"body_hist_l1", "torso_texture_change", "background_change": T-1 floats},
         "settings": {...}, "null_reasons": {...}}``; without keypoints every value is None
         with the reason.
@@ -70,6 +74,7 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
     from engine.metrics.micro import (
         appearance_drift,
         background_change,
+        classify_scenes,
         figure_iou,
         figure_masks,
         garment_colours,
@@ -87,6 +92,7 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
         "segmenter": "the micro weights' figure segmenter",
         "hist": "4x4x4 RGB histogram of the pose body mask, L1 (0 = same, 2 = disjoint)",
         "texture": "|change| of the torso's grey-level std (0..255)",
+        "scene": "nearest scene centroid of the background's mean band colours",
         "background": "mean |a - b| outside both frames' dilated pose masks (0..255)",
     }
     reasons: dict[str, str] = {}
@@ -94,7 +100,7 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
         reasons = {k: "no input poses (pass --poses)" for k in MICRO_AGGREGATE}
         return {
             "aggregate": dict.fromkeys(MICRO_AGGREGATE),
-            "per_frame": {"figure_iou": [None] * n, "garment_colour": [None] * n},
+            "per_frame": {k: [None] * n for k in ("figure_iou", "garment_colour", "scene")},
             "per_pair": {},
             "settings": settings,
             "null_reasons": reasons,
@@ -108,6 +114,15 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
         reasons["colour_accuracy"] = f"the prompt names no garment colour: {prompt!r}"
     elif not judged:
         reasons["colour_accuracy"] = "no frame shows the torso (shoulders and hips)"
+    scenes = classify_scenes(frames, kp)
+    scene_right = [None if s is None or scene is None else s == scene for s in scenes]
+    scene_judged = [r for r in scene_right if r is not None]
+    if scene is None:
+        reasons["scene_accuracy"] = f"the prompt names no scene of the micro world: {prompt!r}"
+    elif not scene_judged:
+        reasons["scene_accuracy"] = (
+            "the person covers a whole band of the background in every frame"
+        )
     pairs: dict[str, list[float]] = {
         "body_hist_l1": [],
         "torso_texture_change": [],
@@ -121,6 +136,7 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
     aggregate: dict[str, float | None] = {
         "figure_iou": float(iou.mean()),
         "colour_accuracy": float(np.mean(judged)) if judged else None,
+        "scene_accuracy": float(np.mean(scene_judged)) if scene_judged else None,
     }
     aggregate |= {k: float(np.mean(v)) if v else None for k, v in pairs.items()}
     return {
@@ -129,6 +145,8 @@ def micro_section(inputs: ScoreInputs, segmenter: torch.nn.Module | None = None)
             "figure_iou": [float(v) for v in iou],
             "garment_colour": seen,
             "colour_right": right,
+            "scene": scenes,
+            "scene_right": scene_right,
         },
         "per_pair": pairs,
         "settings": settings,

@@ -47,6 +47,9 @@ class TrainConfig:
     refined: float = 0.45
     """Share of rows whose text is the refiner's full prompt instead of the grammar caption."""
     ema: float = 0.999
+    offset_noise: float = 0.0
+    """Std of a per-(sample, channel) constant added to the UNet stage's training noise (offset
+    noise): without it the starting noise's mean fixes the image's mean colour, hence the scene."""
     ckpt_every_s: float = 600.0
     eval_samples: int = 16
     eval_steps: int = 20

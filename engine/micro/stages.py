@@ -110,6 +110,16 @@ class VTarget:
         return zt, v, snr.clamp(max=self.min_snr) / (snr + 1)
 
 
+def training_noise(shape: tuple[int, ...], gen: torch.Generator, offset: float) -> torch.Tensor:
+    """Gaussian noise of ``shape`` (B, C, H, W) plus, when ``offset`` > 0, one N(0, offset²)
+    constant per sample and channel (offset noise), so the model learns to move an image's mean
+    away from the mean of its starting noise. Drawn on ``gen``'s device."""
+    noise = torch.randn(shape, generator=gen, device=gen.device)
+    if offset > 0:
+        noise = noise + offset * torch.randn(*shape[:2], 1, 1, generator=gen, device=gen.device)
+    return noise
+
+
 def _alphas_cumprod() -> list[float]:
     from diffusers import DDPMScheduler
 
@@ -142,7 +152,7 @@ def train_unet(pool: Pool, latents: torch.Tensor, cfg: TrainConfig, dev: torch.d
         idx = torch.randint(n, (b,), generator=gen, device=gen.device)
         ids = _text_ids(pool, idx, negatives, cfg, gen).to(dev)
         z0 = latents[idx.to(latents.device)]
-        noise = torch.randn(z0.shape, generator=gen, device=gen.device).to(dev)
+        noise = training_noise(tuple(z0.shape), gen, cfg.offset_noise).to(dev)
         t = torch.randint(1000, (b,), generator=gen, device=gen.device).to(dev)
         zt, v, w = target(z0, noise, t)
         pose = pool.poses[idx].to(dev).float() / 255.0

@@ -192,9 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--init", type=Path, help="start from the micro weights in this folder")
     p.add_argument("--share", default="", help="budget shares, e.g. vae=0,unet=0.8")
     p.add_argument("--lr", default="", help="learning rates, e.g. unet=3e-4")
+    p.add_argument("--offset-noise", type=float, default=TrainConfig.offset_noise,
+                   help="offset noise of the UNet stage (e.g. 0.1; 0 = plain noise)")  # fmt: skip
     args = p.parse_args(argv)
     cfg = TrainConfig(seed=args.seed, pool=args.pool, workers=args.workers, device=args.device,
-                      budget_s=args.budget_s, eval_samples=args.eval_samples)  # fmt: skip
+                      budget_s=args.budget_s, eval_samples=args.eval_samples,
+                      offset_noise=args.offset_noise)  # fmt: skip
     for field_, text in (
         ("steps", args.steps),
         ("batch", args.batch),
