@@ -11,8 +11,11 @@ LoRA. A LoRA takes ``--train-s``, a plate ``--plate-s``, a batch of B frames ``-
 rows it is padded to (``bucket``: the next power of two).
 
 Workload: ``--renders`` full-method renders (LoRA + plate + a chain of ``--frames`` frames) queued
-at t = 0 on ``--gpus`` GPUs, under three configs of ``configs/sd15.yaml``'s cluster section:
-``elastic`` (as shipped: every pool ``auto``, whole GPUs per actor here), ``static-hand`` (what
+at t = 0 on ``--gpus`` GPUs, under four configs of ``configs/sd15.yaml``'s cluster section:
+``elastic`` (every pool ``auto``, separate Samplers / trainers / background workers, whole GPUs
+per actor here), ``elastic-shared`` (as shipped: ``shared_models``, one elastic DeviceWorker per
+GPU that trains, plates and samples; a batch goes only to a worker with nothing queued, so the
+real executor, which may queue a batch behind a LoRA training, can do a little worse), ``static-hand`` (what
 the preset's comment used to say for N GPUs: N-1 Samplers, one trainer and one background worker
 sharing a GPU, ``max_preparing`` 2) and ``static-default`` (the counts the preset shipped with:
 one of each on one GPU). Reported per config: time to full utilisation (every GPU busy at once),
@@ -59,11 +62,13 @@ def configs(gpus: int) -> dict[str, ClusterConfig]:
              "max_samplers": gpus, "batch_wait_s": 0.0}  # fmt: skip
     fixed = {"min_samplers": 1, "refiners": 1, "max_preparing": 2, "batch_wait_s": 0.0}
     return {
-        "elastic": base.model_copy(update=whole),
-        "static-hand": base.model_copy(update={**fixed, "samplers": gpus - 1, "sampler_gpus": 1.0,
+        "elastic": base.model_copy(update={**whole, "shared_models": False}),
+        # sd15 as shipped: one DeviceWorker per GPU trains, plates and samples (shared_models)
+        "elastic-shared": base.model_copy(update={"max_samplers": gpus, "batch_wait_s": 0.0}),
+        "static-hand": base.model_copy(update={**fixed, "shared_models": False, "samplers": gpus - 1, "sampler_gpus": 1.0,
                                                "trainers": 1, "trainer_gpus": 0.5,
                                                "backgrounds": 1, "background_gpus": 0.5}),
-        "static-default": base.model_copy(update={**fixed, "samplers": 1, "sampler_gpus": 0.5,
+        "static-default": base.model_copy(update={**fixed, "shared_models": False, "samplers": 1, "sampler_gpus": 0.5,
                                                   "trainers": 1, "trainer_gpus": 0.25,
                                                   "backgrounds": 1, "background_gpus": 0.25}),
     }  # fmt: skip
@@ -217,8 +222,10 @@ class Sim:
                 self.stop(actor)
 
     def dispatch(self) -> None:
+        shared = self.c.shared_models  # the DeviceWorkers (the samplers pool) prepare too
         for rid in self.core(self.scheduler.next_prepares):
-            trainer, worker = self.pick("trainers"), self.pick("backgrounds")
+            trainer = self.pick("samplers" if shared else "trainers")
+            worker = self.pick("samplers" if shared else "backgrounds")
             assert trainer is not None and worker is not None, "no GPU room for preparation"
             trainer.queue.append(Job("train", rid))
             self.preparing.add(rid)
@@ -241,7 +248,7 @@ class Sim:
         actor.idle_since = self.t
         if job.kind == "train":
             self.adapters.add(job.render)
-            for other in self.pools["backgrounds"].values():
+            for other in self.pools["samplers" if self.c.shared_models else "backgrounds"].values():
                 self.run_jobs(other)
         elif job.kind == "plate":
             self.core(self.scheduler.prepared, job.render)
@@ -339,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tick-s", type=float, default=1.0, help="re-plan period")
     p.add_argument("--core-gpus", type=int, nargs="*", default=[64, 256, 1024])
     p.add_argument("--core-frames", type=int, default=8)
-    p.add_argument("--configs", nargs="+", default=["elastic", "static-hand", "static-default"])
+    p.add_argument("--configs", nargs="+",
+                   default=["elastic", "elastic-shared", "static-hand", "static-default"])  # fmt: skip
     p.add_argument("--limit-s", type=float, default=200_000.0, help="simulated-time limit")
     p.add_argument("--out", type=Path, default=OUT / "scale_elastic.json")
     args = p.parse_args(argv)
