@@ -4,7 +4,9 @@ nodes with fake GPUs added while renders run):
 - a GPU preset on a cluster without any GPU fails at once, naming the fix;
 - ``samplers: auto`` starts one Sampler per GPU; a node with two more GPUs joining mid-run gives
   two more Samplers, which take batches; the autoscaler is asked for the GPUs the queue wants
-  beyond the cluster's; once the queue is empty the pool shrinks to ``min_samplers``.
+  beyond the cluster's; once the queue is empty the pool shrinks to ``min_samplers``;
+- with ``shared_models`` (sd15's layout) the elastic pool is one DeviceWorker per GPU, each
+  training LoRAs and rendering frames.
 """
 
 from __future__ import annotations
@@ -94,5 +96,44 @@ def test_auto_samplers_follow_the_gpus_and_the_queue(cluster, tmp_path: Path, mo
         _until("the idle pool shrinks", lambda: len(samplers.actors) == 1, core, timeout=60)
         assert executor.elastic is not None and executor.elastic.stats["released"] >= 3
         assert asked[-1] == []  # the request is withdrawn once the queue fits
+    finally:
+        core.close()
+
+
+def test_shared_models_auto_give_one_device_worker_per_gpu(cluster, tmp_path: Path, monkeypatch):
+    """sd15's layout: ``shared_models`` + ``samplers: auto``: one DeviceWorker (1 GPU: the three
+    stages' shares summed) per GPU the cluster has, each training LoRAs and rendering."""
+    from actors.devices import DevicePlanner
+
+    monkeypatch.setattr(actors.pools, "request_resources", lambda bundles: None)
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus < 2:  # run alone: give it the GPUs the test above added
+        cluster.add_node(num_cpus=1, num_gpus=2)
+        cluster.wait_for_nodes(timeout=120)
+        gpus = 2
+    save_poses_json(synthetic_dance(frames=2, fps=8, width=64, height=64), tmp_path / "p.json")
+    config = load_config(None, overrides=[
+        f"poses={tmp_path / 'p.json'}", "prompt=a dancer", "sampler.steps=2",
+        "appearance.references=2", "appearance.steps=2", "alignment.intra_frame=true",
+        "output.contact_sheet=false", "cluster.shared_models=true", "cluster.samplers=auto",
+        "cluster.sampler_gpus=0.5", "cluster.trainer_gpus=0.25", "cluster.background_gpus=0.25",
+        f"cluster.max_samplers={gpus}", "cluster.sampler_idle_s=600", "cluster.max_preparing=auto",
+        "cluster.max_batch=1", "cluster.batch_wait_s=0", f"cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    executor = RayExecutor(config)
+    devices = executor.devices
+    assert isinstance(devices, DevicePlanner) and executor.samplers is executor.trainers is devices
+    core = EngineCore(config, RenderStore(tmp_path / "root"), executor)
+    try:
+        for i in range(gpus):  # distinct prompts: distinct LoRAs (no adapter cache hit)
+            core.submit(config.model_copy(update={"seed": i, "prompt": f"dancer {i}"}), id=f"s{i}")
+        _until("one DeviceWorker per GPU", lambda: len(devices.actors) == gpus, core)
+        core.run_until_idle(timeout_s=300)
+        states = {r.id: (r.state, r.error) for r in core.list()}
+        assert {s for s, _ in states.values()} == {"done"}, states
+        assert len(devices.actors) == gpus  # one per GPU: 4 x 1.0 GPU fill the cluster
+        assert sum(devices.served.values()) >= gpus * 3  # each render: a LoRA + 2 batches
+        reports = devices.refresh()
+        assert {r["slot"] for r in reports} == set(devices.actors)
+        assert sum(r["runs"].get("training", 0) for r in reports) == gpus  # the LoRAs trained on them
     finally:
         core.close()

@@ -210,9 +210,10 @@ def _plan_shared(backlog: Backlog, resources: Resources, c: ClusterConfig) -> Pl
 
 def check_gpus(c: ClusterConfig, gpus: float) -> None:
     """Raise :class:`NoGPUError` when the config gives actors GPUs and the cluster has none."""
-    need = {k: s for k, s in shares(c).items() if s > 0}
+    given = {"sampler": c.sampler_gpus, "trainer": c.trainer_gpus, "background": c.background_gpus}
+    need = {k: s for k, s in given.items() if s > 0}  # the config's own keys (shared_models too)
     if need and gpus <= 0:
-        asked = ", ".join(f"cluster.{k[:-1]}_gpus={s:g}" for k, s in need.items())
+        asked = ", ".join(f"cluster.{k}_gpus={s:g}" for k, s in need.items())
         raise NoGPUError(
             f"the Ray cluster has no GPU, and the config gives actors GPUs ({asked}): they "
             "would wait forever. Connect to a cluster with GPU nodes (for an autoscaling one, "

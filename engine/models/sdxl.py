@@ -175,12 +175,22 @@ def build_sdxl_random(config: ModelConfig) -> DiffusionComponents:
     torch.manual_seed(config.seed)
     tokenizer = build_offline_tokenizer()
     vocab = len(tokenizer)
-    text_encoder = CLIPTextModel(text_config(arch["text"], vocab, second=False))
-    text_encoder_2 = CLIPTextModelWithProjection(text_config(arch["text_2"], vocab, second=True))
-    unet = UNet2DConditionModel(**arch["unet"])
+
+    def cast(module: Any) -> Any:
+        """To ``dtype`` as soon as it is built (no RNG drawn: the same weights as casting at the
+        end), so the float32 copies never coexist: sdxl-random in bfloat16 peaks at ≈10 GB
+        (the float32 UNet) instead of ≈19 GB."""
+        return module.to(dtype) if dtype != torch.float32 else module
+
+    text_encoder = cast(CLIPTextModel(text_config(arch["text"], vocab, second=False)))
+    text_encoder_2 = cast(
+        CLIPTextModelWithProjection(text_config(arch["text_2"], vocab, second=True))
+    )
+    unet = cast(UNet2DConditionModel(**arch["unet"]))
     controlnet = ControlNetModel(**controlnet_kwargs(arch["unet"], arch["control"]))
     activate_controlnet(controlnet, torch.Generator().manual_seed(config.seed + 1))
-    vae = AutoencoderKL(**arch["vae"])
+    controlnet = cast(controlnet)
+    vae = cast(AutoencoderKL(**arch["vae"]))
     parts = DiffusionComponents(
         unet=unet,
         controlnet=controlnet,
@@ -194,8 +204,6 @@ def build_sdxl_random(config: ModelConfig) -> DiffusionComponents:
         dtype=dtype,
         name=f"{config.preset}-seed{config.seed}-{config.dtype}",
     )
-    for module in [*parts.text_encoders(), unet, controlnet, vae] if dtype != torch.float32 else []:
-        module.to(dtype)  # type: ignore[arg-type]  # transformers wraps .to; a dtype works
     return finish(parts)
 
 
