@@ -2,10 +2,13 @@
 
     python -m benchmarks.sdxl_step --out DIR --sizes 1024,512 --repeats 5      # GPU, sdxl-random
     python -m benchmarks.sdxl_step --out DIR --preset sdxl-tiny --sizes 64,128  # CPU code path
+    python -m benchmarks.sdxl_step --out DIR --dtype bfloat16 --device cpu --sizes 256,512,1024 --repeats 1
 
 ``sdxl-random`` builds SDXL's real architectures with random weights (UNet 2.57 G parameters,
-ControlNet 1.25 G, text encoders 0.82 G): ≈19 GB in float32, ≈9.5 GB in float16, so on a CPU
-only ``sdxl-tiny`` (SDXL's structure at toy widths) is measured. A step is the engine's own
+ControlNet 1.25 G, text encoders 0.82 G): ≈19 GB in float32, ≈9.5 GB in float16 / bfloat16
+(each module is cast as it is built: a CPU run in bfloat16 peaks at ≈13 GiB RSS, measured), so
+on a CPU run it with ``--dtype bfloat16 --device cpu`` (float16 is refused on CPUs);
+``sdxl-tiny`` (SDXL's structure at toy widths) checks the code path in seconds. A step is the engine's own
 eager step (ControlNet + UNet with SDXL's pooled embedding and time_ids, as the chain runs it),
 timed after one warm-up call: the median and min of ``--repeats`` calls (CUDA synchronised).
 Writes ``DIR/sdxl_step-<preset>.json`` and ``.md``.
