@@ -276,8 +276,8 @@ def test_te2_lora_in_diffusers_and_peft_layouts_imports_the_same(chain, lora, tm
 
 def test_render_with_a_te2_lora_from_the_sdxl_layouts(lora, tmp_path):
     """The whole in-process render (preset sdxl on the folder layouts, plate and kv chain) with
-    ``appearance.lora`` = the kohya te1 + te2 file: the persisted adapter carries the second
-    encoder's part, and a resumed render reloads it and writes the same last frame."""
+    ``appearance.lora`` = the kohya te1 + te2 file: `avatar models check` names both encoders'
+    parts, the persisted adapter carries the second encoder's part, and a resumed render reloads it and writes the same last frame."""
     from sdxl_layouts import write_xl_layouts
 
     from engine.pose import save_poses_json
@@ -310,6 +310,10 @@ def test_render_with_a_te2_lora_from_the_sdxl_layouts(lora, tmp_path):
         "output.contact_sheet=false",
     ]
     config = load_config(None, preset="sdxl", overrides=overrides)
+    from engine.models.check import check_models
+
+    lines = {line.component: str(line) for line in check_models(config)}
+    assert "UNet + both text encoders" in lines["appearance.lora"], lines["appearance.lora"]
     out = tmp_path / "out"
     result = render(config, out, progress=False)
     adapter = read_adapter(out / "adapter")
