@@ -388,20 +388,14 @@ def render_scene(
 
 
 def scene_text(chain: FrameChain, prompt: str, negative: str, adapter: str | None) -> torch.Tensor:
-    """(2, 77, D) [negative, prompt] embeddings as the frames get them: with ``adapter``'s text
-    LoRA when the text encoder has one (``appearance.train_text_encoder``), else the base text
-    encoder. The text encoder's adapter state is restored after."""
-    from engine.appearance.lora import activate_lora, loaded_adapters, restore, snapshot
+    """(2, 77, D) [negative, prompt] embeddings as the frames get them (SDXL: (2, 78, D)): with
+    ``adapter``'s text LoRA on each text encoder that has one (``appearance.train_text_encoder``,
+    an imported LoRA's ``lora_te1_`` / ``lora_te2_``), else the base encoder. The text encoders'
+    adapter states are restored after."""
+    from engine.appearance.lora import prompt_adapter
 
-    encoder = chain.parts.text_encoder
-    state = snapshot(encoder)
-    if state is None:  # no text LoRA at all
+    with prompt_adapter(chain.parts.text_encoders(), adapter):
         return chain.encode_prompt(prompt, negative)
-    try:
-        activate_lora(encoder, adapter if adapter in loaded_adapters(encoder) else None)
-        return chain.encode_prompt(prompt, negative)
-    finally:
-        restore(encoder, state)
 
 
 def inpaint(

@@ -102,23 +102,24 @@ class ResidentModels:
         """Run a prepare stage on the shared models, then give them back as the Sampler's
         sessions need them, whether the stage succeeded or raised: adapters it loaded that no
         open session uses (a plate's LoRA, a training adapter a failed step left) are removed
-        and the UNet's / text encoder's active adapters restored."""
-        from engine.appearance import loaded_adapters, remove_adapter
+        and the UNet's / text encoders' active adapters restored."""
+        from engine.appearance import loaded_adapters, remove_adapter, text_encoder_kwargs
         from engine.appearance.lora import restore, snapshot
 
         parts = self.chain.parts
+        modules = [parts.unet, *parts.text_encoders()]
         before = set(loaded_adapters(parts.unet))
-        states = snapshot(parts.unet), snapshot(parts.text_encoder)
+        states = [snapshot(m) for m in modules]
         self.runs[stage] += 1
         try:
             yield
         finally:
             in_use = self.sampler.adapters_in_use() | before
-            loaded = set(loaded_adapters(parts.unet)) | set(loaded_adapters(parts.text_encoder))
+            loaded = {name for m in modules for name in loaded_adapters(m)}
             for name in loaded - in_use:
-                remove_adapter(parts.unet, name, text_encoder=parts.text_encoder)
-            restore(parts.unet, states[0])
-            restore(parts.text_encoder, states[1])
+                remove_adapter(parts.unet, name, **text_encoder_kwargs(parts))
+            for module, state in zip(modules, states, strict=True):
+                restore(module, state)
 
     # -- what is resident -------------------------------------------------------------------------
 

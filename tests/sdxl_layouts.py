@@ -137,12 +137,16 @@ def kohya_xl_lora(
     rank: int = 4,
     seed: int = 0,
     diffusers_names: bool = False,
+    text_encoder_2: torch.nn.Module | None = None,
+    rank_2: int = 2,
 ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A random kohya-sd-scripts SDXL LoRA: the UNet's attention projections under their SGM
     (LDM) block names (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), or with
     ``diffusers_names`` under diffusers' module paths (``lora_unet_down_blocks_1_…``), and the
-    first text encoder's self-attention as ``lora_te1_text_model_…``; alpha = rank / 2. Also
-    returns {kohya key prefix: diffusers module name} for a reference injection."""
+    first text encoder's self-attention as ``lora_te1_text_model_…``; alpha = rank / 2. With
+    ``text_encoder_2``, also its self-attention and MLP (``lora_te2_text_model_…_mlp_fc1``) at
+    rank ``rank_2`` (alpha ``rank_2 / 2``). Also returns {kohya key prefix: diffusers module
+    name} for a reference injection."""
     from weights_layouts import _rename, _unet_prefixes
 
     gen = torch.Generator().manual_seed(seed)
@@ -150,18 +154,21 @@ def kohya_xl_lora(
     out: dict[str, torch.Tensor] = {}
     names: dict[str, str] = {}
     ends = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
-    modules = [("lora_unet_", n, m) for n, m in unet.named_modules()]
-    modules += [("lora_te1_", n, m) for n, m in text_encoder.named_modules()]
-    for prefix, name, module in modules:
-        if not (isinstance(module, torch.nn.Linear) and name.endswith(ends)):
+    modules = [("lora_unet_", n, m, ends, rank) for n, m in unet.named_modules()]
+    modules += [("lora_te1_", n, m, ends, rank) for n, m in text_encoder.named_modules()]
+    if text_encoder_2 is not None:
+        ends_2 = (*ends, "mlp.fc1", "mlp.fc2")
+        modules += [("lora_te2_", n, m, ends_2, rank_2) for n, m in text_encoder_2.named_modules()]
+    for prefix, name, module, targets, r in modules:
+        if not (isinstance(module, torch.nn.Linear) and name.endswith(targets)):
             continue
-        if prefix == "lora_te1_":
+        if prefix.startswith("lora_te"):
             path = _text_key(name)
         else:
             path = name if diffusers_names else _rename(name, prefixes)
         key = prefix + path.replace(".", "_")
-        out[f"{key}.lora_down.weight"] = torch.randn(rank, module.in_features, generator=gen) * 0.05
-        out[f"{key}.lora_up.weight"] = torch.randn(module.out_features, rank, generator=gen) * 0.05
-        out[f"{key}.alpha"] = torch.tensor(rank / 2)
+        out[f"{key}.lora_down.weight"] = torch.randn(r, module.in_features, generator=gen) * 0.05
+        out[f"{key}.lora_up.weight"] = torch.randn(module.out_features, r, generator=gen) * 0.05
+        out[f"{key}.alpha"] = torch.tensor(r / 2)
         names[key] = name
     return out, names

@@ -24,6 +24,7 @@ from engine.appearance.adapter import (
     read_adapter,
     remove_adapter,
     save_adapter,
+    text_encoder_kwargs,
 )
 from engine.appearance.cache import Adapter, adapter_key, adapter_name, get_or_train_adapter
 from engine.appearance.lora import TEXT_TARGETS, UNET_TARGETS, active_adapter, loaded_adapters
@@ -65,5 +66,6 @@ __all__ = [
     "remove_adapter",
     "save_adapter",
     "synthesize_references",
+    "text_encoder_kwargs",
     "train_appearance_lora",
 ]

@@ -3,7 +3,8 @@
 An adapter folder holds:
 
     adapter.safetensors   LoRA tensors, float32, keys ``unet.<peft key>`` (and
-                          ``text_encoder.<peft key>``): the diffusers LoRA layout of SD-1.x, so
+                          ``text_encoder.<peft key>``, SDXL's ``text_encoder_2.<peft key>``): the
+                          diffusers LoRA layout, so
                           ``pipe.load_lora_weights(folder, weight_name=ADAPTER_FILE)`` works
     adapter.json          rank, alpha, target modules, base model, config, prompts, losses, …
     references/000.png …  the reference images it was trained on (optional)
@@ -38,12 +39,13 @@ from engine.appearance.lora import (
     snapshot,
 )
 from engine.appearance.train import AdapterWeights
+from engine.models.components import DiffusionComponents
 from engine.video import save_png
 
 ADAPTER_FILE = "adapter.safetensors"
 META_FILE = "adapter.json"
 FORMAT_VERSION = 1
-_PREFIXES = ("unet.", "text_encoder.")
+_PREFIXES = ("unet.", "text_encoder.", "text_encoder_2.")
 
 
 def is_complete(directory: Path) -> bool:
@@ -60,6 +62,8 @@ def _meta(weights: AdapterWeights) -> dict[str, Any]:
         "target_modules": list(weights.target_modules),
         "text_target_modules": list(weights.text_target_modules),
         "text_encoder": weights.text_encoder is not None,
+        "text_encoder_2": weights.text_encoder_2 is not None,
+        "text_2_target_modules": list(weights.text_2_target_modules),
         "losses": weights.losses,
         "digest": weights.digest(),
     }
@@ -79,8 +83,12 @@ def save_adapter(
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".tmp-{directory.name}-"))
     try:
         tensors = {f"unet.{k}": v.contiguous() for k, v in weights.unet.items()}
-        for k, v in (weights.text_encoder or {}).items():
-            tensors[f"text_encoder.{k}"] = v.contiguous()
+        for prefix, state in (
+            ("text_encoder", weights.text_encoder),
+            ("text_encoder_2", weights.text_encoder_2),
+        ):
+            for k, v in (state or {}).items():
+                tensors[f"{prefix}.{k}"] = v.contiguous()
         save_file(tensors, str(tmp / ADAPTER_FILE), metadata={"format": "pt"})
         (tmp / META_FILE).write_text(json.dumps(_meta(weights), indent=2, sort_keys=True))
         if images:
@@ -108,6 +116,8 @@ _RESERVED = frozenset(
         "target_modules",
         "text_target_modules",
         "text_encoder",
+        "text_encoder_2",
+        "text_2_target_modules",
         "losses",
         "digest",
     ]
@@ -153,6 +163,9 @@ def read_adapter(directory: Path) -> AdapterWeights:
             alpha=float(meta["alpha"]),
             target_modules=tuple(meta["target_modules"]),
             text_target_modules=tuple(meta["text_target_modules"]),
+            # absent in adapters written before SDXL's second text encoder could carry a LoRA
+            text_encoder_2=states["text_encoder_2."] if meta.get("text_encoder_2") else None,
+            text_2_target_modules=tuple(meta.get("text_2_target_modules", ())),
             losses=[float(x) for x in meta["losses"]],
             metadata={k: v for k, v in meta.items() if k not in _RESERVED},
         )
@@ -181,30 +194,37 @@ def load_adapter(
     name: str,
     *,
     text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
 ) -> str:
     """Add adapter ``source`` (a folder or weights) to ``unet`` under ``name``; it becomes active.
 
     Several adapters coexist on one UNet under distinct names; switch with :func:`activate`.
-    A text-encoder LoRA goes into ``text_encoder`` (required when the adapter has one).
+    A text-encoder LoRA goes into ``text_encoder`` (required when the adapter has one), SDXL's
+    second text encoder's into ``text_encoder_2`` (likewise).
 
     Returns:
         ``name``.
 
     Raises:
-        ValueError: ``name`` is already loaded, the adapter has a text-encoder LoRA but no
-            ``text_encoder`` was given, or the tensors do not fit the model.
+        ValueError: ``name`` is already loaded, the adapter has a text-encoder LoRA but that
+            text encoder was not given, or the tensors do not fit the model.
     """
     weights = source if isinstance(source, AdapterWeights) else read_adapter(Path(source))
-    if weights.text_encoder is not None and text_encoder is None:
-        raise ValueError(
-            f"adapter {name!r} has a text-encoder LoRA (appearance.train_text_encoder): pass "
-            "text_encoder=components.text_encoder to load_adapter"
-        )
     parts: list[tuple[nn.Module, dict[str, torch.Tensor], tuple[str, ...]]] = [
         (unet, weights.unet, weights.target_modules)
     ]
-    if weights.text_encoder is not None and text_encoder is not None:
-        parts.append((text_encoder, weights.text_encoder, weights.text_target_modules))
+    texts = [
+        ("text_encoder", text_encoder, weights.text_encoder, weights.text_target_modules),
+        ("text_encoder_2", text_encoder_2, weights.text_encoder_2, weights.text_2_target_modules),
+    ]
+    for arg, module, state, targets in texts:
+        if state is None:
+            continue
+        if module is None:
+            raise ValueError(
+                f"adapter {name!r} has a LoRA of {arg}: pass {arg}=components.{arg} to load_adapter"
+            )
+        parts.append((module, state, targets))
     added: list[nn.Module] = []
     try:
         for module, state, targets in parts:
@@ -215,26 +235,45 @@ def load_adapter(
         for module in added:
             remove_lora(module, name)
         raise
-    activate(unet, name, text_encoder=text_encoder)
+    activate(unet, name, text_encoder=text_encoder, text_encoder_2=text_encoder_2)
     return name
 
 
-def activate(unet: nn.Module, name: str | None, *, text_encoder: nn.Module | None = None) -> None:
+def activate(
+    unet: nn.Module,
+    name: str | None,
+    *,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+) -> None:
     """Make adapter ``name`` the only active one, or run the base model (``None``).
 
-    The text encoder (if given and it has adapters) follows: ``name``'s text LoRA if it has one,
+    Each text encoder given that has adapters follows: ``name``'s LoRA of it if it has one,
     else the base text encoder.
 
     Raises:
         ValueError: ``name`` is not loaded on ``unet``.
     """
     activate_lora(unet, name)
-    if text_encoder is not None and snapshot(text_encoder) is not None:
-        activate_lora(text_encoder, name if name in loaded_adapters(text_encoder) else None)
+    for encoder in (text_encoder, text_encoder_2):
+        if encoder is not None and snapshot(encoder) is not None:
+            activate_lora(encoder, name if name in loaded_adapters(encoder) else None)
 
 
-def remove_adapter(unet: nn.Module, name: str, *, text_encoder: nn.Module | None = None) -> None:
+def remove_adapter(
+    unet: nn.Module,
+    name: str,
+    *,
+    text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+) -> None:
     """Delete adapter ``name`` (no-op if absent); with none left the models are the base again."""
-    remove_lora(unet, name)
-    if text_encoder is not None:
-        remove_lora(text_encoder, name)
+    for module in (unet, text_encoder, text_encoder_2):
+        if module is not None:
+            remove_lora(module, name)
+
+
+def text_encoder_kwargs(parts: DiffusionComponents) -> dict[str, nn.Module | None]:
+    """The ``text_encoder`` / ``text_encoder_2`` arguments of :func:`load_adapter`,
+    :func:`activate` and :func:`remove_adapter` for ``parts`` (None for SD-1.x's second)."""
+    return {"text_encoder": parts.text_encoder, "text_encoder_2": parts.text_encoder_2}

@@ -4,12 +4,14 @@ The file is read by the library that defines its format, loaded onto the residen
 temporary name, read back from peft's layers and removed again (the models are left exactly as
 they were, as :mod:`engine.appearance.train` leaves them):
 
-- kohya-ss / A1111 (``lora_unet_…``, ``lora_te_…``, ``.alpha``) and diffusers
-  (``pytorch_lora_weights.safetensors``, ``unet.…`` / ``text_encoder.…`` keys, old and peft
-  style): ``StableDiffusionPipeline.lora_state_dict`` + ``load_lora_into_unet`` /
+- kohya-ss / A1111 (``lora_unet_…``, ``lora_te_…``; SDXL's ``lora_te1_…`` / ``lora_te2_…``;
+  ``.alpha``) and diffusers (``pytorch_lora_weights.safetensors``, ``unet.…`` /
+  ``text_encoder.…`` / ``text_encoder_2.…`` keys, old and peft style):
+  ``StableDiffusion(XL)Pipeline.lora_state_dict`` + ``load_lora_into_unet`` /
   ``load_lora_into_text_encoder`` (diffusers converts the keys and per-module alphas);
 - peft (a folder with ``adapter_config.json`` + ``adapter_model.safetensors``, the UNet's; a
-  text-encoder LoRA in ``text_encoder/``): ``LoraConfig.from_pretrained`` + ``load_peft_weights``.
+  text-encoder LoRA in ``text_encoder/``, SDXL's second in ``text_encoder_2/``):
+  ``LoraConfig.from_pretrained`` + ``load_peft_weights``.
 
 What comes back is normalised to one rank and scaling 1 so the engine's per-row machinery takes
 it like a trained adapter: each module's ``B`` is multiplied by its own ``alpha / r`` and by
@@ -32,12 +34,14 @@ from engine.models.errors import WeightsNotFoundError
 
 IMPORTING = "appearance_importing"
 """Temporary adapter name while an imported LoRA is read."""
+TEXT_PREFIXES = ("text_encoder", "text_encoder_2")
+"""diffusers' key prefixes (and peft sub-folders) of the first and SDXL's second text encoder."""
 
 
 def _fail(source: Path, why: str) -> WeightsNotFoundError:
     return WeightsNotFoundError(
         f"appearance.lora={str(source)!r}: {why}; name a kohya / diffusers .safetensors LoRA of "
-        "an SD-1.x model, or a peft folder with adapter_config.json"
+        "an SD-1.x or SDXL model, or a peft folder with adapter_config.json"
     )
 
 
@@ -56,7 +60,9 @@ def _load_peft(folder: Path, module: nn.Module) -> None:
         raise ValueError(f"tensors that fit no module: {unexpected[:3]}")
 
 
-def _load_diffusers(path: Path, unet: nn.Module, text_encoder: nn.Module) -> None:
+def _load_diffusers(path: Path, unet: nn.Module, encoders: list[nn.Module | None]) -> None:
+    """Load the file's UNet and text-encoder LoRAs (``encoders``: the first and, for SDXL, the
+    second text encoder) under :data:`IMPORTING`."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     from engine.models.components import uses_added_conditioning
@@ -72,16 +78,14 @@ def _load_diffusers(path: Path, unet: nn.Module, text_encoder: nn.Module) -> Non
     )
     if not any(k.startswith("unet.") for k in state):
         raise ValueError("it holds no UNet LoRA")
-    second = [k for k in state if k.startswith("text_encoder_2.")]
-    if second:
-        raise ValueError(
-            f"it adapts SDXL's second text encoder ({second[0]}), which appearance.lora does not "
-            "support yet; use a LoRA without lora_te2_* / text_encoder_2.* tensors"
-        )
     pipeline.load_lora_into_unet(state, alphas, unet, adapter_name=IMPORTING)
-    if any(k.startswith("text_encoder.") for k in state):
+    for prefix, encoder in zip(TEXT_PREFIXES, encoders, strict=True):
+        if not any(k.startswith(f"{prefix}.") for k in state):
+            continue
+        if encoder is None:
+            raise ValueError(f"it adapts {prefix}, which this model does not have")
         pipeline.load_lora_into_text_encoder(
-            state, alphas, text_encoder, prefix="text_encoder", adapter_name=IMPORTING
+            state, alphas, encoder, prefix=prefix, adapter_name=IMPORTING
         )
 
 
@@ -139,46 +143,58 @@ def lora_location(value: str, model: ModelConfig) -> Path:
 
 
 def import_lora(
-    source: Path, unet: nn.Module, text_encoder: nn.Module, *, scale: float = 1.0
+    source: Path,
+    unet: nn.Module,
+    text_encoder: nn.Module,
+    *,
+    text_encoder_2: nn.Module | None = None,
+    scale: float = 1.0,
 ) -> AdapterWeights:
     """The LoRA at ``source`` (file or folder) as :class:`AdapterWeights` of ``unet`` /
-    ``text_encoder`` (rank = its largest, alpha = rank, float32 CPU tensors).
+    ``text_encoder`` / SDXL's ``text_encoder_2`` (rank = its largest, alpha = rank, float32 CPU
+    tensors).
 
     Raises:
         WeightsNotFoundError: ``source`` is missing, of an unknown format, of another model
-            (tensors that fit no module), or a DoRA / biased LoRA.
+            (tensors that fit no module, a second text encoder's LoRA without one), or a DoRA /
+            biased LoRA.
     """
     source = Path(source)
     if not source.exists():
         raise _fail(source, "it does not exist")
-    states = (snapshot(unet), snapshot(text_encoder))
+    encoders = [text_encoder, text_encoder_2]
+    modules = [m for m in (unet, *encoders) if m is not None]
+    states = [snapshot(m) for m in modules]
     try:
         peft_unet = source / "adapter_config.json"
         if source.is_dir() and (peft_unet.is_file() or (source / "unet").is_dir()):
             _load_peft(source if peft_unet.is_file() else source / "unet", unet)
-            if (source / "text_encoder" / "adapter_config.json").is_file():
-                _load_peft(source / "text_encoder", text_encoder)
+            for prefix, encoder in zip(TEXT_PREFIXES, encoders, strict=True):
+                if not (source / prefix / "adapter_config.json").is_file():
+                    continue
+                if encoder is None:
+                    raise ValueError(f"it adapts {prefix}, which this model does not have")
+                _load_peft(source / prefix, encoder)
             kind = "peft"
         else:
-            _load_diffusers(source, unet, text_encoder)
+            _load_diffusers(source, unet, encoders)
             kind = "kohya/diffusers"
-        refresh(unet)
-        refresh(text_encoder)
-        unet_pairs, text_pairs = _read_back(unet, scale), _read_back(text_encoder, scale)
+        for module in modules:
+            refresh(module)
+        pairs = [_read_back(m, scale) if m is not None else {} for m in (unet, *encoders)]
     except (ValueError, KeyError, OSError, RuntimeError, TypeError) as e:
         raise _fail(
             source, f"it does not load ({(str(e).splitlines() or [''])[0][:300]})"
         ) from None
     finally:
-        refresh(unet)
-        refresh(text_encoder)
-        remove_lora(unet, IMPORTING)
-        remove_lora(text_encoder, IMPORTING)
-        restore(unet, states[0])
-        restore(text_encoder, states[1])
+        for module, state in zip(modules, states, strict=True):
+            refresh(module)
+            remove_lora(module, IMPORTING)
+            restore(module, state)
+    unet_pairs, text_pairs, text_2_pairs = pairs
     if not unet_pairs:
         raise _fail(source, "it adapts no module of the UNet")
-    rank = max(a.shape[0] for a, _ in [*unet_pairs.values(), *text_pairs.values()])
+    rank = max(a.shape[0] for part in pairs for a, _ in part.values())
     return AdapterWeights(
         unet=_padded(unet_pairs, rank),
         text_encoder=_padded(text_pairs, rank) if text_pairs else None,
@@ -186,5 +202,7 @@ def import_lora(
         alpha=float(rank),
         target_modules=tuple(sorted(unet_pairs)),
         text_target_modules=tuple(sorted(text_pairs)),
+        text_encoder_2=_padded(text_2_pairs, rank) if text_2_pairs else None,
+        text_2_target_modules=tuple(sorted(text_2_pairs)),
         metadata={"imported": str(source), "format": kind, "scale": scale},
     )

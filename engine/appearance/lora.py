@@ -214,6 +214,21 @@ def base_model(*modules: nn.Module | None) -> Iterator[None]:
             restore(m, state)
 
 
+@contextmanager
+def prompt_adapter(encoders: Sequence[nn.Module], name: str | None) -> Iterator[None]:
+    """Run the block with adapter ``name`` active on each of ``encoders`` that has it (the
+    others, and all for ``None``, run as the base model), then restore their state."""
+    present = [m for m in encoders if snapshot(m) is not None]
+    states = [snapshot(m) for m in present]
+    try:
+        for m in present:
+            activate_lora(m, name if name in loaded_adapters(m) else None)
+        yield
+    finally:
+        for m, state in zip(present, states, strict=True):
+            restore(m, state)
+
+
 def lora_parameters(module: nn.Module, name: str) -> list[torch.nn.Parameter]:
     """The parameters of adapter ``name`` on ``module`` (names contain ``lora_`` and ``.name.``)."""
     marker = f".{name}."

@@ -108,7 +108,7 @@ def synthesize_references(
     offset = PRIOR_INDEX_OFFSET if prior else 0
     images: list[np.ndarray] = []
     desc = "class images" if prior else "references"
-    with base_model(chain.parts.unet, chain.parts.text_encoder):
+    with base_model(chain.parts.unet, *chain.parts.text_encoders()):
         texts = {text: chain.encode_prompt(text, negative) for text in dict.fromkeys(prompts)}
         jobs = [
             FrameJob(offset + i, config.seed, chain.image_tensor(pose_map), texts[prompt], settings)

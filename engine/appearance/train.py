@@ -61,15 +61,21 @@ class AdapterWeights:
     alpha: float
     target_modules: tuple[str, ...] = UNET_TARGETS
     text_target_modules: tuple[str, ...] = TEXT_TARGETS
+    text_encoder_2: dict[str, torch.Tensor] | None = None
+    """SDXL's second text encoder's LoRA state dict (an imported LoRA's ``lora_te2_…`` /
+    ``text_encoder_2.…`` tensors), else None. Same rank and scaling as the other parts."""
+    text_2_target_modules: tuple[str, ...] = ()
     losses: list[float] = field(default_factory=list)
     """Training loss of every optimizer step (instance + prior_weight × prior)."""
     metadata: dict[str, Any] = field(default_factory=dict)
     """Provenance: base model, config, seed, prompts, created, … (written to adapter.json)."""
 
     def digest(self) -> str:
-        """sha256 of the tensors (names, shapes, dtypes, bytes): equal digests = equal weights."""
+        """sha256 of the tensors (names, shapes, dtypes, bytes): equal digests = equal weights.
+        (An adapter without ``text_encoder_2`` hashes as before that part existed.)"""
         h = hashlib.sha256()
-        for prefix, state in (("unet", self.unet), ("text_encoder", self.text_encoder or {})):
+        parts = [("unet", self.unet), ("text_encoder", self.text_encoder or {})]
+        for prefix, state in [*parts, ("text_encoder_2", self.text_encoder_2 or {})]:
             for key in sorted(state):
                 t = state[key].detach().cpu().contiguous()
                 h.update(f"{prefix}.{key}:{tuple(t.shape)}:{t.dtype}".encode())

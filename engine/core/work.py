@@ -184,6 +184,7 @@ def imported_adapter(chain: FrameChain, config: RenderConfig) -> AdapterPayload:
         lora_location(str(config.appearance.lora), config.model),
         parts.unet,
         parts.text_encoder,
+        text_encoder_2=parts.text_encoder_2,
         scale=config.appearance.lora_scale,
     )
     digest = weights.digest()
@@ -258,16 +259,15 @@ def publish_adapter(folder: Path, remote: Storage) -> None:
 
 
 def ensure_adapter(chain: FrameChain, adapter: AdapterPayload | None) -> str | None:
-    """Load ``adapter`` onto the chain's UNet (and text encoder) unless it is there; its name."""
+    """Load ``adapter`` onto the chain's UNet (and text encoders) unless it is there; its name."""
     if adapter is None:
         return None
-    from engine.appearance import activate, load_adapter, loaded_adapters
+    from engine.appearance import activate, load_adapter, loaded_adapters, text_encoder_kwargs
 
     parts = chain.parts
     if adapter.name not in loaded_adapters(parts.unet):
-        text = parts.text_encoder if adapter.weights.text_encoder is not None else None
-        load_adapter(parts.unet, adapter.weights, adapter.name, text_encoder=text)
-        activate(parts.unet, None, text_encoder=parts.text_encoder)
+        load_adapter(parts.unet, adapter.weights, adapter.name, **text_encoder_kwargs(parts))
+        activate(parts.unet, None, **text_encoder_kwargs(parts))
     return adapter.name
 
 
@@ -293,11 +293,11 @@ class SamplerState:
     def open(self, render_id: str, spec: SessionSpec) -> CharacterChain:
         """Build the session of ``render_id`` (prompt embeddings with the character's text LoRA
         active, plate latent, adapter on the UNet)."""
-        from engine.appearance import activate
+        from engine.appearance import activate, text_encoder_kwargs
 
         parts = self.chain.parts
         name = ensure_adapter(self.chain, spec.adapter)
-        activate(parts.unet, name, text_encoder=parts.text_encoder)  # text LoRA for the prompt
+        activate(parts.unet, name, **text_encoder_kwargs(parts))  # text LoRAs for the prompt
         try:
             session = CharacterChain(
                 self.chain,
@@ -310,7 +310,7 @@ class SamplerState:
                 masks=spec.masks,
             )
         finally:
-            activate(parts.unet, None, text_encoder=parts.text_encoder)
+            activate(parts.unet, None, **text_encoder_kwargs(parts))
         self.sessions[render_id] = session
         self._adapters[render_id] = name
         self._outs[render_id] = spec.out
@@ -322,9 +322,9 @@ class SamplerState:
         self._outs.pop(render_id, None)
         name = self._adapters.pop(render_id, None)
         if name is not None and name not in self._adapters.values():
-            from engine.appearance import remove_adapter
+            from engine.appearance import remove_adapter, text_encoder_kwargs
 
-            remove_adapter(self.chain.parts.unet, name, text_encoder=self.chain.parts.text_encoder)
+            remove_adapter(self.chain.parts.unet, name, **text_encoder_kwargs(self.chain.parts))
 
     def adapters_in_use(self) -> set[str]:
         """Names of the adapters that open sessions use."""

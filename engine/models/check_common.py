@@ -166,11 +166,9 @@ def _check_lora(value: str, context: int, model: ModelConfig) -> Line:
             "appearance.lora", False, f"{path.name}: a LoRA of another model (context {cross[0]})"
         )
     te = any(k.startswith(("lora_te", "text_encoder.")) for k in keys)
-    return Line(
-        "appearance.lora",
-        True,
-        f"{kind} LoRA {path.name}, {'UNet + text encoder' if te else 'UNet'}, {tensors.dtypes()}",
-    )
+    te2 = any(k.startswith(("lora_te2_", "text_encoder_2.")) for k in keys)
+    parts = "UNet + both text encoders" if te2 else "UNet + text encoder" if te else "UNet"
+    return Line("appearance.lora", True, f"{kind} LoRA {path.name}, {parts}, {tensors.dtypes()}")
 
 
 def _check_configs(field: str, value: str) -> list[Line]:
