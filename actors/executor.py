@@ -79,6 +79,8 @@ class _Prep:
     """stage name → ObjectRef, in pipeline order (refined, adapter, plate)."""
     actors: list[tuple[Pool, int]] = field(default_factory=list)
     """The (pool, slot) of each actor working on it (probed when one dies)."""
+    slots: dict[str, int] = field(default_factory=dict)
+    """stage name → the slot of its actor (``shared_models``: which DeviceWorker runs it)."""
     started: float = field(default_factory=time.perf_counter)
     announced: set[str] = field(default_factory=set)
 
@@ -185,17 +187,18 @@ class RayExecutor(Executor):
             refs["refining"] = refiner.refine.remote(cfg)
             used.append((self.refiners, slot))
         adapter: Any = job.adapter
+        slots: dict[str, int] = {}
         if job.needs_adapter:
-            trainer, slot = self.trainers.next(self._probed(self.trainers))
+            trainer, slots["training"] = self.trainers.next(self._probed(self.trainers))
             adapter = refs["training"] = trainer.adapter.remote(cfg, refs["refining"], job.shared)
-            used.append((self.trainers, slot))
+            used.append((self.trainers, slots["training"]))
         if job.needs_plate:
-            worker, slot = self.backgrounds.next(self._probed(self.backgrounds))
+            worker, slots["background"] = self.backgrounds.next(self._probed(self.backgrounds))
             refs["background"] = worker.plate.remote(cfg, refs["refining"], job.keypoints0, adapter)
-            used.append((self.backgrounds, slot))
+            used.append((self.backgrounds, slots["background"]))
         for pool, slot in used:
             pool.begin(slot)
-        self._preps[job.render_id] = _Prep(job, refs, used)
+        self._preps[job.render_id] = _Prep(job, refs, used, slots=slots)
         self._announce(job.render_id)
 
     def _announce(self, render_id: str) -> None:
@@ -245,7 +248,20 @@ class RayExecutor(Executor):
         busy = {s for s, _, _ in self._busy.values()} | {
             i for p, i in self._probing if p == id(self.samplers)
         }
+        if self.devices is not None:
+            busy |= self._preparing_devices()
         return [i for i in self.samplers.slots() if i not in busy]
+
+    def _preparing_devices(self) -> set[int]:
+        """``shared_models``: DeviceWorkers with a prepare stage queued or running. A worker
+        runs one call at a time, so a batch handed to one would wait behind a LoRA training
+        while another worker idles; batches go to the others."""
+        pending = {ref: prep.slots[stage] for prep in self._preps.values()
+                   for stage, ref in prep.refs.items() if stage in prep.slots}  # fmt: skip
+        if not pending:
+            return set()
+        done = set(ray.wait(list(pending), num_returns=len(pending), timeout=0)[0])
+        return {slot for ref, slot in pending.items() if ref not in done}
 
     def free_slots(self) -> int:
         return len(self._free())

@@ -14,8 +14,8 @@ Workload: ``--renders`` full-method renders (LoRA + plate + a chain of ``--frame
 at t = 0 on ``--gpus`` GPUs, under four configs of ``configs/sd15.yaml``'s cluster section:
 ``elastic`` (every pool ``auto``, separate Samplers / trainers / background workers, whole GPUs
 per actor here), ``elastic-shared`` (as shipped: ``shared_models``, one elastic DeviceWorker per
-GPU that trains, plates and samples; a batch goes only to a worker with nothing queued, so the
-real executor, which may queue a batch behind a LoRA training, can do a little worse), ``static-hand`` (what
+GPU that trains, plates and samples; a batch goes only to a worker with no prepare stage
+queued, as the Ray executor does), ``static-hand`` (what
 the preset's comment used to say for N GPUs: N-1 Samplers, one trainer and one background worker
 sharing a GPU, ``max_preparing`` 2) and ``static-default`` (the counts the preset shipped with:
 one of each on one GPU). Reported per config: time to full utilisation (every GPU busy at once),

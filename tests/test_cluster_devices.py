@@ -85,3 +85,37 @@ def test_full_method_on_one_device_worker_equals_the_three_actor_path(tmp_path: 
     assert (
         "devices" not in json.loads((tmp_path / "three/out/b/manifest.json").read_text())["stages"]
     )
+
+
+def test_batches_skip_a_device_worker_while_it_prepares(tmp_path: Path):
+    """A DeviceWorker runs one call at a time: while one trains a LoRA, batches go to the other
+    worker instead of queueing behind the training."""
+    import time
+
+    from actors.executor import RayExecutor
+    from engine.config import load_config
+    from engine.core import EngineCore, RenderStore
+
+    save_poses_json(synthetic_dance(frames=2, fps=8, width=64, height=64), tmp_path / "p.json")
+    config = load_config(None, overrides=[
+        f"poses={tmp_path / 'p.json'}", "prompt=a dancer", "sampler.steps=2",
+        "alignment.intra_frame=true", "appearance.references=2", "appearance.steps=30",
+        "output.contact_sheet=false", "cluster.shared_models=true", "cluster.samplers=2",
+        "cluster.max_preparing=1", f"cache_dir={tmp_path / 'cache'}"])  # fmt: skip
+    executor = RayExecutor(config)
+    core = EngineCore(config, RenderStore(tmp_path / "root"), executor)
+    try:
+        core.submit(config, id="lora")
+        deadline = time.monotonic() + 120
+        while not executor._preps:  # the prepare stages handed out
+            assert time.monotonic() < deadline, "no prepare stage started"
+            core.step(0.05)
+        (prep,) = executor._preps.values()
+        training = prep.slots["training"]
+        assert executor._preparing_devices() == {training}  # training is slow (30 steps)
+        assert executor._free() == [1 - training] and executor.free_slots() == 1
+        core.run_until_idle(timeout_s=300)
+        assert [r.state for r in core.list()] == ["done"]
+        assert executor._preparing_devices() == set() and executor.free_slots() == 2
+    finally:
+        core.close()

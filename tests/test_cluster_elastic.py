@@ -134,6 +134,8 @@ def test_shared_models_auto_give_one_device_worker_per_gpu(cluster, tmp_path: Pa
         assert sum(devices.served.values()) >= gpus * 3  # each render: a LoRA + 2 batches
         reports = devices.refresh()
         assert {r["slot"] for r in reports} == set(devices.actors)
-        assert sum(r["runs"].get("training", 0) for r in reports) == gpus  # the LoRAs trained on them
+        assert (
+            sum(r["runs"].get("training", 0) for r in reports) == gpus
+        )  # the LoRAs trained on them
     finally:
         core.close()
