@@ -16,6 +16,7 @@ from engine.appearance.lora import UNET_TARGETS, add_lora, lora_config, remove_l
 from engine.batching import BatchDenoiser, FrameJob, denoise_frame
 from engine.chain import FrameChain
 from engine.config import load_config
+from engine.models.components import DiffusionComponents
 from engine.models.registry import build_components
 from engine.pose.draw import render_pose_map
 from engine.pose.synth import synthetic_dance
@@ -65,14 +66,14 @@ def render(chain: FrameChain, pose: np.ndarray, seed: int = 7, steps: int = 3) -
     )
 
 
-def test_sdxl_frame_equals_diffusers_pipeline(chain):
-    """One frame of the chain (DDIM, CFG 7.5, ControlNet scale 1, time_ids for 64²) = diffusers'
-    StableDiffusionXLControlNetPipeline's latents with the same components, noise and steps."""
+def diffusers_latents(
+    chain: FrameChain, parts: DiffusionComponents, pose: np.ndarray
+) -> torch.Tensor:
+    """diffusers' StableDiffusionXLControlNetPipeline on ``parts`` (DDIM with the chain's schedule,
+    CFG 7.5, 3 steps, the chain's noise for seed 7): the reference latents of one frame."""
     from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
     from PIL import Image
 
-    parts = chain.parts
-    pose = pose_maps(1)[0]
     pipe = StableDiffusionXLControlNetPipeline(
         vae=parts.vae,
         text_encoder=parts.text_encoder,
@@ -85,7 +86,7 @@ def test_sdxl_frame_equals_diffusers_pipeline(chain):
         add_watermarker=False,
     )
     pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
+    return pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
         image=Image.fromarray(pose),
@@ -96,6 +97,13 @@ def test_sdxl_frame_equals_diffusers_pipeline(chain):
         latents=chain.initial_noise(7, 0, SIZE, SIZE),
         output_type="latent",
     ).images
+
+
+def test_sdxl_frame_equals_diffusers_pipeline(chain):
+    """One frame of the chain (DDIM, CFG 7.5, ControlNet scale 1, time_ids for 64²) = diffusers'
+    StableDiffusionXLControlNetPipeline's latents with the same components, noise and steps."""
+    pose = pose_maps(1)[0]
+    expected = diffusers_latents(chain, chain.parts, pose)
     got = render(chain, pose)
     err = (got - expected).abs().max().item()
     assert err < TOL, f"max abs latent error {err:.2e} vs diffusers' SDXL ControlNet pipeline"

@@ -14,7 +14,7 @@ from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 from safetensors.torch import save_file
 from sdxl_layouts import kohya_xl_lora, tiny_xl_parts
 from test_batching import settings
-from test_sdxl import NEGATIVE, PROMPT, SIZE, TOL, pose_maps
+from test_sdxl import NEGATIVE, PROMPT, SIZE, TOL, diffusers_latents, pose_maps
 
 from engine.appearance import loaded_adapters, read_adapter, save_adapter
 from engine.appearance.imported import import_lora
@@ -86,9 +86,6 @@ def test_te2_lora_drives_the_embedding_and_the_frame(chain, lora, tmp_path):
     fails), the frame equals diffusers' SDXL ControlNet pipeline on the peft-injected models
     within the SDXL tests' tolerance, the adapter survives save/read, and after the session both
     text encoders (and the UNet) are bit-identical to before."""
-    from diffusers import DDIMScheduler, StableDiffusionXLControlNetPipeline
-    from PIL import Image
-
     tensors, names = lora
     parts = chain.parts
     assert parts.text_encoder_2 is not None
@@ -137,29 +134,7 @@ def test_te2_lora_drives_the_embedding_and_the_frame(chain, lora, tmp_path):
         settings=settings("none", steps=3),
         adapter="xl_te2",
     )
-    pipe = StableDiffusionXLControlNetPipeline(
-        vae=parts.vae,
-        text_encoder=ref["text_encoder"],
-        text_encoder_2=ref["text_encoder_2"],
-        tokenizer=parts.tokenizer,
-        tokenizer_2=parts.tokenizer_2,
-        unet=ref["unet"],
-        controlnet=parts.controlnet,
-        scheduler=DDIMScheduler.from_config(chain.scheduler.config),
-        add_watermarker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    expected = pipe(
-        PROMPT,
-        negative_prompt=NEGATIVE,
-        image=Image.fromarray(pose),
-        height=SIZE,
-        width=SIZE,
-        num_inference_steps=3,
-        guidance_scale=7.5,
-        latents=chain.initial_noise(7, 0, SIZE, SIZE),
-        output_type="latent",
-    ).images
+    expected = diffusers_latents(chain, ref_parts, pose)
     err = (got - expected).abs().max().item()
     assert err < TOL, f"max abs latent error {err:.2e} vs diffusers' pipeline with peft's LoRA"
 

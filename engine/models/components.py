@@ -23,6 +23,19 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from engine.config import ConfigError, ModelConfig
 
+# Stable Diffusion 1.x noise schedule (scheduler_config.json of the SD-1.5 checkpoint).
+SD_SCHEDULER = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
 SDXL_VAE_SCALE = 8
 """SDXL's VAE downsamples 8× (time_ids are in pixels; the UNet sees latents)."""
 

@@ -29,7 +29,7 @@ from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DCondi
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine.config import ModelConfig
-from engine.models.errors import WeightsNotFoundError
+from engine.models.errors import WeightsNotFoundError, first_line
 from engine.models.sources import Source, classify, content_digest, hub_folder, shipped_config
 
 
@@ -38,17 +38,13 @@ def offline(config: ModelConfig) -> bool:
     return config.offline or os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0")
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).splitlines() or [type(e).__name__])[0][:300]
-
-
 def load_pretrained(loader: Callable[..., Any], folder: Path, what: str, **kw: Any) -> Any:
     """``loader(folder)`` from local files only; any failure → :class:`WeightsNotFoundError`."""
     try:
         return loader(str(folder), local_files_only=True, **kw)
     except (OSError, ValueError, KeyError) as e:
         raise WeightsNotFoundError(
-            f"{what}: {folder} does not hold loadable weights ({_first_line(e)})"
+            f"{what}: {folder} does not hold loadable weights ({first_line(e)})"
         ) from None
 
 
@@ -178,7 +174,7 @@ def _base_from_file(config: ModelConfig, path: Path, dtype: torch.dtype) -> Base
     except Exception as e:  # diffusers raises many types for a file of another model
         raise WeightsNotFoundError(
             f"model.base={str(path)!r} is not an SD-1.x checkpoint loadable against the configs "
-            f"in {configs} ({_first_line(e)}); name an SD-1.x .safetensors/.ckpt, or set "
+            f"in {configs} ({first_line(e)}); name an SD-1.x .safetensors/.ckpt, or set "
             "model.base_config to the diffusers folder of its architecture"
         ) from None
     check_tokenizer(tokenizer, pipe.text_encoder, path)
@@ -204,7 +200,7 @@ def _from_single_file(
     except Exception as e:  # diffusers raises many types for a file of another model
         raise WeightsNotFoundError(
             f"model.{field}={str(path)!r} does not load as a {cls.__name__} with the configs in "
-            f"{configs} ({_first_line(e)}); name the right file or set model.{field}_config"
+            f"{configs} ({first_line(e)}); name the right file or set model.{field}_config"
         ) from None
 
 

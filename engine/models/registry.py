@@ -20,6 +20,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from engine.config import ModelConfig
 from engine.models.components import (
+    SD_SCHEDULER,
     DiffusionComponents,
     activate_controlnet,
     check_dtype,
@@ -28,19 +29,6 @@ from engine.models.components import (
 )
 from engine.models.errors import WeightsNotFoundError
 from engine.models.tokenizer import build_offline_tokenizer, clip_text_encoder
-
-# Stable Diffusion 1.x noise schedule (scheduler_config.json of the SD-1.5 checkpoint).
-SD_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-}
-
 
 # Architectures of the random-weight presets. Same block types as SD-1.x, fewer channels.
 _ARCH: dict[str, dict[str, Any]] = {

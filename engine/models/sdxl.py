@@ -27,6 +27,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from engine.config import ModelConfig
 from engine.models.components import (
+    SD_SCHEDULER,
     SDXL_VAE_SCALE,
     DiffusionComponents,
     activate_controlnet,
@@ -34,19 +35,9 @@ from engine.models.components import (
     finish,
     resolve_device,
 )
-from engine.models.errors import WeightsNotFoundError
+from engine.models.errors import WeightsNotFoundError, first_line
 
-SDXL_SCHEDULER = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+SDXL_SCHEDULER = {**SD_SCHEDULER, "timestep_spacing": "leading"}
 """stabilityai/stable-diffusion-xl-base-1.0 scheduler_config.json's schedule (its class is Euler;
 the chain steps it with DDIM like SD-1.x)."""
 
@@ -306,10 +297,9 @@ def _base_xl_from_file(
             tokenizer_2=tokenizer_2,
         )
     except Exception as e:  # diffusers raises many types for a file of another model
-        first = (str(e).splitlines() or [type(e).__name__])[0][:300]
         raise WeightsNotFoundError(
             f"model.base={str(path)!r} is not an SDXL checkpoint loadable against the configs in "
-            f"{configs} ({first}); name an SDXL .safetensors, or set model.base_config to the "
+            f"{configs} ({first_line(e)}); name an SDXL .safetensors, or set model.base_config to the "
             "diffusers folder of its architecture"
         ) from None
     return {
